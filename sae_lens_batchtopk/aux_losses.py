@@ -1,0 +1,106 @@
+"""Auxiliary-loss registry and the built-in AuxK loss.
+
+SAE configs name the auxiliary losses they train with (``aux_losses={"auxk": 1/32}``); each
+name maps to a function registered here that turns an :class:`AuxLossInputs` into a scalar.
+The coefficient is applied by the SAE (through SAELens's coefficient schedulers, so warm-up
+works), never inside the loss function: applying it twice is a known bug elsewhere.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import torch
+
+
+@dataclass(frozen=True)
+class AuxLossInputs:
+    """What an auxiliary loss may look at during one training step.
+
+    Attributes:
+        sae_in: the SAE's input batch, shape ``(..., d_in)``.
+        sae_out: the SAE's reconstruction (with decoder bias), same shape.
+        hidden_pre: pre-activations as the selection saw them (already multiplied by the decoder
+            row norms when the SAE rescales by them), shape ``(..., d_sae)``.
+        feature_acts: the selected activations, same shape as ``hidden_pre``.
+        dead_mask: boolean ``(d_sae,)``, latents that have not fired for the SAE's dead window.
+        k_aux: how many dead latents per token an AuxK-style loss may use.
+        decode_directions: maps activations of shape ``(..., d_sae)`` to ``(..., d_in)`` through
+            the decoder *without* the decoder bias (the residual already contains it).
+    """
+
+    sae_in: torch.Tensor
+    sae_out: torch.Tensor
+    hidden_pre: torch.Tensor
+    feature_acts: torch.Tensor
+    dead_mask: torch.Tensor
+    k_aux: int
+    decode_directions: Callable[[torch.Tensor], torch.Tensor]
+
+
+AuxLossFn = Callable[[AuxLossInputs], torch.Tensor]
+
+_AUX_LOSSES: dict[str, AuxLossFn] = {}
+
+
+def register_aux_loss(name: str, fn: AuxLossFn, *, overwrite: bool = False) -> None:
+    """Make ``fn`` available to SAE configs under ``name``.
+
+    Raises ``ValueError`` if the name is taken, unless ``overwrite=True``: silently replacing a
+    loss would change what existing configs train with.
+    """
+    if not name or not isinstance(name, str):
+        raise ValueError(f"aux loss name must be a non-empty string, got {name!r}")
+    if name in _AUX_LOSSES and not overwrite:
+        raise ValueError(
+            f"aux loss {name!r} is already registered; pass overwrite=True to replace it"
+        )
+    _AUX_LOSSES[name] = fn
+
+
+def registered_aux_losses() -> tuple[str, ...]:
+    """Names of every registered auxiliary loss, built-ins included, sorted."""
+    return tuple(sorted(_AUX_LOSSES))
+
+
+def get_aux_loss(name: str) -> AuxLossFn:
+    """The loss registered under ``name``; the error lists the registered names."""
+    try:
+        return _AUX_LOSSES[name]
+    except KeyError:
+        raise ValueError(
+            f"unknown aux loss {name!r}; registered aux losses: {list(registered_aux_losses())}"
+            " (add one with sae_lens_batchtopk.register_aux_loss)"
+        ) from None
+
+
+def auxk_loss(inputs: AuxLossInputs) -> torch.Tensor:
+    """Gao et al.'s AuxK: the top-``k_aux`` dead latents reconstruct the main residual.
+
+    ``L_aux = ||e - ê||² / ||e - mean(e)||²`` averaged over tokens, where ``e = x - x̂`` is
+    *detached* (the aux loss must only move the dead latents, never the main reconstruction)
+    and ``ê`` decodes only the ``k_aux`` largest relu'd pre-activations among dead latents,
+    *without* the decoder bias (``e`` already contains it).
+
+    Normalisation: dividing by the residual's variance makes the loss a fraction of
+    unexplained variance, as in openai/sparse_autoencoder, sparsify and dictionary_learning,
+    so the paper's coefficient 1/32 means the same thing at any activation scale and any
+    point in training. Returns 0 when no latent is dead or the residual has no variance.
+    """
+    n_dead = int(inputs.dead_mask.sum())
+    if n_dead == 0:
+        return inputs.sae_out.new_zeros(())
+    k_aux = min(inputs.k_aux, n_dead)
+    residual = (inputs.sae_in - inputs.sae_out).detach()
+    dead_pre = torch.where(inputs.dead_mask, inputs.hidden_pre, -torch.inf)
+    top = dead_pre.topk(k_aux, dim=-1, sorted=False)
+    aux_acts = torch.zeros_like(inputs.hidden_pre).scatter(-1, top.indices, top.values.relu())
+    aux_recon = inputs.decode_directions(aux_acts)
+    flat_residual = residual.reshape(-1, residual.shape[-1])
+    error = (aux_recon.reshape_as(flat_residual) - flat_residual).pow(2).sum(-1).mean()
+    variance = (flat_residual - flat_residual.mean(0)).pow(2).sum(-1).mean()
+    return torch.where(variance > 0, error / variance.clamp_min(1e-30), error.new_zeros(()))
+
+
+register_aux_loss("auxk", auxk_loss)

@@ -1,0 +1,57 @@
+"""Registration of this plugin's architectures in SAELens's two registries.
+
+SAELens has no unregister and raises on duplicate names, so registration must be idempotent
+(importing the package twice, or reloading it, must not fail) without ever replacing an
+architecture that belongs to SAELens or to another plugin.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from sae_lens.registry import (
+    SAE_CLASS_REGISTRY,
+    SAE_TRAINING_CLASS_REGISTRY,
+    register_sae_class,
+    register_sae_training_class,
+)
+
+_PACKAGE = __name__.split(".")[0]
+
+
+def _owned_by_us(entry: tuple[type[Any], type[Any]]) -> bool:
+    return entry[0].__module__.split(".")[0] == _PACKAGE
+
+
+def register_architecture(
+    name: str,
+    sae_class: type[Any],
+    config_class: type[Any],
+    training_class: type[Any] | None = None,
+    training_config_class: type[Any] | None = None,
+) -> None:
+    """Register inference (and optionally training) classes under ``name``, once.
+
+    A name already registered by this package is left alone; a name owned by anyone else
+    is an error rather than a silent override.
+    """
+    tables: list[tuple[dict[str, Any], Any, type[Any] | None, type[Any] | None]] = [
+        (SAE_CLASS_REGISTRY, register_sae_class, sae_class, config_class),
+        (
+            SAE_TRAINING_CLASS_REGISTRY,
+            register_sae_training_class,
+            training_class,
+            training_config_class,
+        ),
+    ]
+    pending = [entry for entry in tables if entry[2] is not None and entry[3] is not None]
+    # Check every table before writing any, so a refusal leaves both registries untouched.
+    for table, _, _, _ in pending:
+        if name in table and not _owned_by_us(table[name]):
+            raise ValueError(
+                f"SAE architecture {name!r} is already registered by "
+                f"{table[name][0].__module__}; {_PACKAGE} will not replace it"
+            )
+    for table, register, cls, cfg_cls in pending:
+        if name not in table:
+            register(name, cls, cfg_cls)

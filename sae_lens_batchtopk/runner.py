@@ -1,0 +1,78 @@
+"""Runner configuration from flat keyword arguments.
+
+SAELens's ``LanguageModelSAERunnerConfig`` takes the architecture as the *type* of its ``sae``
+config and nests logging options in a ``LoggingConfig``. Researchers think in one flat list of
+options ("architecture, k, d_sae, hook, lr, tokens"), so :func:`make_runner_config` routes
+each keyword to the object that owns it and refuses anything nobody owns.
+"""
+
+from __future__ import annotations
+
+from dataclasses import fields
+from typing import Any
+
+from sae_lens.config import LanguageModelSAERunnerConfig, LoggingConfig
+from sae_lens.registry import SAE_TRAINING_CLASS_REGISTRY
+
+from sae_lens_batchtopk.saes.calibrated_batchtopk_sae import ARCHITECTURE
+
+# Options that both the runner and the SAE config carry; they must agree, so one keyword sets both.
+_SHARED_FIELDS = frozenset({"device", "dtype"})
+
+
+def runner_option_names(architecture: str = ARCHITECTURE) -> dict[str, list[str]]:
+    """Valid flat option names for ``architecture``, grouped by the config that owns them."""
+    sae_config_class = _training_config_class(architecture)
+    return {
+        "sae": sorted(f.name for f in fields(sae_config_class) if f.name != "metadata"),
+        "runner": sorted(
+            f.name for f in fields(LanguageModelSAERunnerConfig) if f.name not in ("sae",)
+        ),
+        "logger": sorted(f.name for f in fields(LoggingConfig)),
+    }
+
+
+def make_runner_config(
+    architecture: str = ARCHITECTURE, **kwargs: Any
+) -> LanguageModelSAERunnerConfig[Any]:
+    """Build a SAELens runner config from flat options.
+
+    Every registered training architecture works, SAELens's built-ins included (``"topk"``,
+    ``"batchtopk"``, ``"jumprelu"``, ...). SAE options (``d_in``, ``d_sae``, ``k``, ...) go to the
+    architecture's training config, logging options (``log_to_wandb``, ``wandb_project``, ...)
+    to ``LoggingConfig``, the rest to the runner; ``device`` and ``dtype`` go to both the runner
+    and the SAE. Unknown options raise ``ValueError`` listing the valid ones.
+    """
+    names = runner_option_names(architecture)
+    sae_names, runner_names, logger_names = (set(names[g]) for g in ("sae", "runner", "logger"))
+    unknown = sorted(set(kwargs) - sae_names - runner_names - logger_names)
+    if unknown:
+        raise ValueError(
+            f"unknown option(s) {unknown} for architecture {architecture!r}. Valid options:\n"
+            f"  SAE ({architecture}): {names['sae']}\n"
+            f"  runner: {names['runner']}\n"
+            f"  logging: {names['logger']}"
+        )
+    if "logger" in kwargs and any(k in logger_names for k in kwargs):
+        raise ValueError("pass either logger=LoggingConfig(...) or flat logging options, not both")
+
+    sae_kwargs = {k: v for k, v in kwargs.items() if k in sae_names}
+    runner_kwargs = {k: v for k, v in kwargs.items() if k in runner_names}
+    logger_kwargs = {k: v for k, v in kwargs.items() if k in logger_names}
+    for shared in _SHARED_FIELDS & set(runner_kwargs) & sae_names:
+        sae_kwargs[shared] = runner_kwargs[shared]
+    if "logger" not in runner_kwargs:
+        runner_kwargs["logger"] = LoggingConfig(**logger_kwargs)
+
+    sae_config = _training_config_class(architecture)(**sae_kwargs)
+    return LanguageModelSAERunnerConfig(sae=sae_config, **runner_kwargs)
+
+
+def _training_config_class(architecture: str) -> type[Any]:
+    try:
+        return SAE_TRAINING_CLASS_REGISTRY[architecture][1]
+    except KeyError:
+        raise ValueError(
+            f"unknown architecture {architecture!r}; registered training architectures: "
+            f"{sorted(SAE_TRAINING_CLASS_REGISTRY)}"
+        ) from None

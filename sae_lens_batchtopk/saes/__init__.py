@@ -1,0 +1,15 @@
+"""SAE architectures this plugin adds to SAELens, one module per architecture."""
+
+from sae_lens_batchtopk.saes.calibrated_batchtopk_sae import (
+    CalibratedBatchTopKSAE,
+    CalibratedBatchTopKSAEConfig,
+    CalibratedBatchTopKTrainingSAE,
+    CalibratedBatchTopKTrainingSAEConfig,
+)
+
+__all__ = [
+    "CalibratedBatchTopKSAE",
+    "CalibratedBatchTopKSAEConfig",
+    "CalibratedBatchTopKTrainingSAE",
+    "CalibratedBatchTopKTrainingSAEConfig",
+]

@@ -1,0 +1,427 @@
+"""The ``calibrated_batchtopk`` architecture: BatchTopK training, threshold inference.
+
+Training (:class:`CalibratedBatchTopKTrainingSAE`) keeps the top ``int(k * n_tokens)``
+activations of each batch (Bussmann et al. 2024). At inference a token's code must not depend
+on the rest of its batch, so :class:`CalibratedBatchTopKSAE` applies a JumpReLU threshold per
+latent instead; :func:`sae_lens_batchtopk.calibrate_thresholds` chooses those thresholds with
+the final weights so that the inference L0 is the ``k`` that was asked for. Until an SAE is
+calibrated, export uses the running θ estimate kept during training.
+
+Threshold units: the training SAE selects on pre-activations multiplied by the decoder row
+norms (``rescale_acts_by_decoder_norm``, as SAELens's TopK does). The inference form has those
+norms folded into the encoder, so its plain pre-activations are the same numbers and the
+thresholds carry over unchanged.
+"""
+
+from __future__ import annotations
+
+import math
+import numbers
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass, fields
+from functools import partial
+from typing import Any, Literal
+
+import torch
+from sae_lens.config import dict_field
+from sae_lens.saes.jumprelu_sae import JumpReLUSAE, JumpReLUSAEConfig
+from sae_lens.saes.sae import (
+    SAE,
+    SAEConfig,
+    TrainCoefficientConfig,
+    TrainingSAEConfig,
+    TrainStepInput,
+    TrainStepOutput,
+)
+from sae_lens.saes.topk_sae import TopKTrainingSAE, act_times_W_dec
+from sae_lens.util import str_to_dtype
+from torch import nn
+from typing_extensions import override
+
+from sae_lens_batchtopk.aux_losses import AuxLossInputs, get_aux_loss
+from sae_lens_batchtopk.selection import batch_topk, min_positive, threshold_activation
+
+ARCHITECTURE = "calibrated_batchtopk"
+
+EncodeMode = Literal["threshold", "batch_topk"]
+
+
+def _check_k(k: object, d_sae: int) -> None:
+    """Reject a k that cannot be an average L0 for this dictionary, naming the field."""
+    if isinstance(k, bool) or not isinstance(k, numbers.Real):
+        raise TypeError(f"k must be a number (average latents per token), got {k!r}")
+    if not math.isfinite(k) or k <= 0:
+        raise ValueError(f"k must be > 0, got k={k}")
+    if k > d_sae:
+        raise ValueError(f"k must be <= d_sae ({d_sae}), got k={k}; lower k or raise d_sae")
+
+
+def _check_dtype(dtype: object) -> None:
+    """Fail at construction, not deep inside the first forward pass, on an unknown dtype."""
+    if not isinstance(dtype, str):
+        raise TypeError(f"dtype must be a string such as 'float32', got {dtype!r}")
+    try:
+        resolved = str_to_dtype(dtype)
+    except (ValueError, KeyError, AttributeError):
+        resolved = None
+    if not isinstance(resolved, torch.dtype) or not resolved.is_floating_point:
+        raise ValueError(
+            f"dtype must name a floating-point torch dtype ('float32', 'bfloat16', ...),"
+            f" got dtype={dtype!r}"
+        )
+
+
+@dataclass
+class CalibratedBatchTopKSAEConfig(SAEConfig):
+    """Inference config for a BatchTopK SAE that encodes with per-latent thresholds.
+
+    Args:
+        k: the average number of latents per token the SAE was trained (and calibrated) for.
+            Threshold mode does not read it; batch-top-k mode keeps ``int(k * n_tokens)``.
+    """
+
+    k: float = 32.0
+
+    @override
+    @classmethod
+    def architecture(cls) -> str:
+        return ARCHITECTURE
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        _check_k(self.k, self.d_sae)
+        _check_dtype(self.dtype)
+
+
+class CalibratedBatchTopKSAE(SAE[CalibratedBatchTopKSAEConfig]):
+    """Inference BatchTopK SAE: ``relu(z) * (z > threshold)`` with one threshold per latent.
+
+    The threshold vector has length ``d_sae``: a single calibrated θ broadcast to every latent,
+    or per-latent values. ``encode_mode = "batch_topk"`` (or the :meth:`batch_topk_mode`
+    context) switches to the exact training-time selection for comparisons; that mode makes
+    each token's code depend on its batch. :meth:`to_jumprelu` gives a plain SAELens
+    ``JumpReLUSAE`` with identical outputs for consumers that do not have this plugin.
+    """
+
+    b_enc: nn.Parameter
+    threshold: torch.Tensor
+
+    def __init__(self, cfg: CalibratedBatchTopKSAEConfig, use_error_term: bool = False):
+        super().__init__(cfg, use_error_term)
+        self.encode_mode: EncodeMode = "threshold"
+
+    @override
+    def initialize_weights(self) -> None:
+        super().initialize_weights()
+        self.b_enc = nn.Parameter(torch.zeros(self.cfg.d_sae, dtype=self.dtype, device=self.device))
+        self.register_buffer(
+            "threshold", torch.zeros(self.cfg.d_sae, dtype=self.dtype, device=self.device)
+        )
+
+    @override
+    def encode(self, x: torch.Tensor) -> torch.Tensor:
+        sae_in = self.process_sae_in(x)
+        hidden_pre = self.hook_sae_acts_pre(sae_in @ self.W_enc + self.b_enc)
+        if self.encode_mode == "batch_topk":
+            acts = batch_topk(hidden_pre, self.cfg.k)
+        else:
+            acts = threshold_activation(hidden_pre, self.threshold)
+        return self.hook_sae_acts_post(acts)
+
+    @override
+    def decode(self, feature_acts: torch.Tensor) -> torch.Tensor:
+        sae_out_pre = feature_acts @ self.W_dec + self.b_dec
+        sae_out_pre = self.hook_sae_recons(sae_out_pre)
+        sae_out_pre = self.run_time_activation_norm_fn_out(sae_out_pre)
+        return self.reshape_fn_out(sae_out_pre, self.d_head)
+
+    @contextmanager
+    def batch_topk_mode(self) -> Iterator[None]:
+        """Temporarily encode with exact batch top-k (the training rule) instead of thresholds."""
+        previous = self.encode_mode
+        self.encode_mode = "batch_topk"
+        try:
+            yield
+        finally:
+            self.encode_mode = previous
+
+    @torch.no_grad()
+    def set_thresholds(self, threshold: torch.Tensor | float) -> None:
+        """Set the inference thresholds (a scalar is broadcast to every latent)."""
+        self.threshold.copy_(_as_threshold_vector(threshold, self.cfg.d_sae))
+
+    @override
+    @torch.no_grad()
+    def fold_W_dec_norm(self) -> None:
+        # Scaling a latent's encoder column by its decoder norm scales its pre-activation by
+        # the same factor, so the threshold must follow or the firing pattern changes.
+        norms = self.fold_and_get_W_dec_norm()
+        self.threshold.mul_(norms)
+
+    @torch.no_grad()
+    def to_jumprelu(self) -> JumpReLUSAE:
+        """A plain SAELens ``JumpReLUSAE`` with the same weights, thresholds and outputs.
+
+        Saved with ``save_model``, it loads in any SAELens 6 install, plugin or not.
+        """
+        base_fields = {f.name for f in fields(JumpReLUSAEConfig)}
+        cfg_dict = {name: getattr(self.cfg, name) for name in base_fields if name != "metadata"}
+        metadata = self.cfg.metadata.to_dict()
+        metadata["exported_from_architecture"] = ARCHITECTURE
+        metadata["k"] = self.cfg.k
+        cfg = JumpReLUSAEConfig(**cfg_dict)
+        cfg.metadata = type(self.cfg.metadata)(**metadata)
+        jumprelu = JumpReLUSAE(cfg)
+        jumprelu.load_state_dict(
+            {
+                "W_enc": self.W_enc.detach().clone(),
+                "W_dec": self.W_dec.detach().clone(),
+                "b_enc": self.b_enc.detach().clone(),
+                "b_dec": self.b_dec.detach().clone(),
+                "threshold": self.threshold.detach().clone(),
+            }
+        )
+        return jumprelu
+
+
+def _as_threshold_vector(threshold: torch.Tensor | float, d_sae: int) -> torch.Tensor:
+    """Broadcast and validate thresholds; NaN or infinite values would break every export."""
+    vector = torch.as_tensor(threshold, dtype=torch.float64).flatten()
+    if vector.numel() == 1:
+        vector = vector.expand(d_sae)
+    if vector.numel() != d_sae:
+        raise ValueError(f"threshold must be a scalar or have d_sae={d_sae} entries")
+    if not torch.isfinite(vector).all():
+        raise ValueError("threshold must be finite for every latent (found NaN or inf)")
+    return vector
+
+
+@dataclass
+class CalibratedBatchTopKTrainingSAEConfig(TrainingSAEConfig):
+    """Training config for ``calibrated_batchtopk``.
+
+    Args:
+        k: average latents per token; batch top-k keeps ``int(k * n_tokens)`` per batch.
+            A float is allowed.
+        rescale_acts_by_decoder_norm: select on pre-activations times the decoder row norms,
+            as SAELens's TopK does, so decoder-norm drift cannot change the selection; folded
+            into the weights at export.
+        aux_losses: auxiliary losses by registered name and coefficient. The default is Gao et
+            al.'s AuxK with their coefficient 1/32. ``{}`` trains without any.
+        aux_loss_warm_up_steps: linear warm-up of every aux coefficient (SAELens's scheduler).
+        aux_k: dead latents per token AuxK may use; ``None`` means ``d_in // 2``.
+        dead_tokens_window: a latent is dead after not firing for this many training tokens
+            (Gao et al.: 10M). Counted in tokens, kept in the SAE state, so checkpoints resume it.
+        theta_ema_rate: rate of the running θ estimate (EMA of each batch's minimum selected
+            activation, started at the first batch's value rather than at 0).
+        calibration_method: how the runner calibrates thresholds after training: ``"l0"``,
+            ``"per_latent"``, ``"paper"``, or ``"none"`` to export the running θ.
+        calibration_target_l0: the inference L0 to calibrate to; ``None`` means ``k``.
+        calibration_tokens: tokens the runner draws (after training, unseen by it) to calibrate.
+    """
+
+    k: float = 32.0
+    rescale_acts_by_decoder_norm: bool = True
+    # dict_field builds a fresh dict per instance and parses JSON on SAELens's CLI.
+    aux_losses: dict[str, float] = dict_field(default={"auxk": 1 / 32})  # noqa: RUF009
+    aux_loss_warm_up_steps: int = 0
+    aux_k: int | None = None
+    dead_tokens_window: int = 10_000_000
+    theta_ema_rate: float = 0.01
+    calibration_method: str = "l0"
+    calibration_target_l0: float | None = None
+    calibration_tokens: int = 1_000_000
+
+    @override
+    @classmethod
+    def architecture(cls) -> str:
+        return ARCHITECTURE
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        _check_k(self.k, self.d_sae)
+        _check_dtype(self.dtype)
+        self._check_aux_fields()
+        self._check_calibration_fields()
+
+    def _check_aux_fields(self) -> None:
+        if not isinstance(self.aux_losses, dict):
+            raise TypeError(
+                f"aux_losses must map loss names to coefficients, e.g. {{'auxk': 0.03125}},"
+                f" got {self.aux_losses!r}"
+            )
+        for name, coefficient in self.aux_losses.items():
+            get_aux_loss(name)
+            if isinstance(coefficient, bool) or not isinstance(coefficient, numbers.Real):
+                raise TypeError(f"aux_losses[{name!r}] must be a number, got {coefficient!r}")
+            if not math.isfinite(coefficient) or coefficient < 0:
+                raise ValueError(f"aux_losses[{name!r}] must be >= 0, got {coefficient}")
+        _check_positive_int("aux_loss_warm_up_steps", self.aux_loss_warm_up_steps, allow_zero=True)
+        if self.aux_k is not None:
+            _check_positive_int("aux_k", self.aux_k)
+        _check_positive_int("dead_tokens_window", self.dead_tokens_window)
+        if not 0 < self.theta_ema_rate <= 1:
+            raise ValueError(f"theta_ema_rate must be in (0, 1], got {self.theta_ema_rate}")
+
+    def _check_calibration_fields(self) -> None:
+        methods = ("l0", "per_latent", "paper", "none")
+        if self.calibration_method not in methods:
+            raise ValueError(
+                f"calibration_method must be one of {methods}, got {self.calibration_method!r}"
+            )
+        if self.calibration_target_l0 is not None:
+            _check_k(self.calibration_target_l0, self.d_sae)
+        _check_positive_int("calibration_tokens", self.calibration_tokens)
+
+    @property
+    def resolved_aux_k(self) -> int:
+        """``aux_k``, or ``d_in // 2`` (Gao et al.'s heuristic, as in sparsify) when unset."""
+        return self.aux_k if self.aux_k is not None else max(self.d_in // 2, 1)
+
+
+def _check_positive_int(name: str, value: object, *, allow_zero: bool = False) -> None:
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise TypeError(f"{name} must be an integer, got {value!r}")
+    if value < 0 or (value == 0 and not allow_zero):
+        raise ValueError(f"{name} must be {'>= 0' if allow_zero else '> 0'}, got {value}")
+
+
+class CalibratedBatchTopKTrainingSAE(TopKTrainingSAE):
+    """BatchTopK training SAE with registered aux losses, token-counted dead latents and θ.
+
+    Subclasses SAELens's ``TopKTrainingSAE`` for its decoder, decoder-norm rescaling and the
+    norm folding at export; replaces the per-token TopK with batch top-k. State beyond the
+    weights lives in persistent buffers so checkpoints save and resume it:
+
+    - ``running_theta``: EMA of the per-batch minimum selected activation (the paper's θ);
+    - ``tokens_since_fired``: per latent, training tokens since it last fired (int64);
+    - ``threshold``: calibrated per-latent thresholds, NaN until calibration sets them.
+
+    ``encode`` uses batch top-k (the training rule); the exported inference SAE uses the
+    calibrated thresholds, or ``running_theta`` for every latent if never calibrated.
+    """
+
+    cfg: CalibratedBatchTopKTrainingSAEConfig  # type: ignore[assignment]
+    running_theta: torch.Tensor
+    tokens_since_fired: torch.Tensor
+    threshold: torch.Tensor
+
+    def __init__(self, cfg: CalibratedBatchTopKTrainingSAEConfig, use_error_term: bool = False):
+        super().__init__(cfg, use_error_term)  # type: ignore[arg-type]
+        device = self.W_dec.device
+        self.register_buffer("running_theta", torch.zeros((), dtype=self.dtype, device=device))
+        self.register_buffer(
+            "tokens_since_fired", torch.zeros(cfg.d_sae, dtype=torch.long, device=device)
+        )
+        self.register_buffer(
+            "threshold", torch.full((cfg.d_sae,), torch.nan, dtype=self.dtype, device=device)
+        )
+
+    @override
+    def get_activation_fn(self) -> Callable[[torch.Tensor], torch.Tensor]:
+        return partial(batch_topk, k=self.cfg.k)
+
+    @override
+    def get_coefficients(self) -> dict[str, float | TrainCoefficientConfig]:
+        return {
+            name: TrainCoefficientConfig(value=value, warm_up_steps=self.cfg.aux_loss_warm_up_steps)
+            for name, value in self.cfg.aux_losses.items()
+        }
+
+    @property
+    def dead_mask(self) -> torch.Tensor:
+        """Latents that have not fired for ``dead_tokens_window`` training tokens."""
+        return self.tokens_since_fired >= self.cfg.dead_tokens_window
+
+    @property
+    def is_calibrated(self) -> bool:
+        return bool(torch.isfinite(self.threshold).all())
+
+    @override
+    def calculate_aux_loss(
+        self,
+        step_input: TrainStepInput,
+        feature_acts: torch.Tensor,
+        hidden_pre: torch.Tensor,
+        sae_out: torch.Tensor,
+    ) -> dict[str, torch.Tensor]:
+        if not self.cfg.aux_losses:
+            return {}
+        inputs = AuxLossInputs(
+            sae_in=step_input.sae_in,
+            sae_out=sae_out,
+            hidden_pre=hidden_pre,
+            feature_acts=feature_acts,
+            dead_mask=self.dead_mask,
+            k_aux=self.cfg.resolved_aux_k,
+            decode_directions=self.decode_directions,
+        )
+        return {
+            f"{name}_loss": step_input.coefficients[name] * get_aux_loss(name)(inputs)
+            for name in self.cfg.aux_losses
+        }
+
+    def decode_directions(self, feature_acts: torch.Tensor) -> torch.Tensor:
+        """Decode without the decoder bias (what aux losses reconstruct the residual with)."""
+        recons = act_times_W_dec(feature_acts, self.W_dec, self.cfg.rescale_acts_by_decoder_norm)
+        return self.reshape_fn_out(recons, self.d_head)
+
+    @override
+    def training_forward_pass(self, step_input: TrainStepInput) -> TrainStepOutput:
+        output = super().training_forward_pass(step_input)
+        self._update_training_state(output.feature_acts)
+        output.metrics["running_theta"] = self.running_theta.detach()
+        output.metrics["dead_latent_fraction"] = self.dead_mask.float().mean()
+        return output
+
+    @torch.no_grad()
+    def _update_training_state(self, feature_acts: torch.Tensor) -> None:
+        """Advance the dead-latent counters and the θ estimate; no host sync."""
+        flat = feature_acts.detach().reshape(-1, feature_acts.shape[-1])
+        fired = (flat > 0).any(0)
+        window = self.cfg.dead_tokens_window
+        advanced = (self.tokens_since_fired + flat.shape[0]).clamp_(max=window)
+        self.tokens_since_fired.copy_(torch.where(fired, 0, advanced))
+
+        batch_theta = min_positive(flat).to(self.running_theta.dtype)
+        rate = self.cfg.theta_ema_rate
+        ema = (1 - rate) * self.running_theta + rate * batch_theta
+        updated = torch.where(self.running_theta > 0, ema, batch_theta)
+        fired_any = torch.isfinite(batch_theta)
+        self.running_theta.copy_(torch.where(fired_any, updated, self.running_theta))
+
+    @torch.no_grad()
+    def set_thresholds(self, threshold: torch.Tensor | float) -> None:
+        """Set calibrated thresholds (scalar broadcast); ``save_inference_model`` exports them."""
+        self.threshold.copy_(_as_threshold_vector(threshold, self.cfg.d_sae))
+
+    @torch.no_grad()
+    def inference_thresholds(self) -> torch.Tensor:
+        """What the inference form will use: calibrated thresholds, else running θ everywhere."""
+        if self.is_calibrated:
+            return self.threshold.detach().clone()
+        return self.running_theta.detach().expand(self.cfg.d_sae).clone()
+
+    @override
+    @torch.no_grad()
+    def fold_activation_norm_scaling_factor(self, scaling_factor: float) -> None:
+        super().fold_activation_norm_scaling_factor(scaling_factor)
+        if self.cfg.rescale_acts_by_decoder_norm:
+            # Selection runs on pre-activations times decoder norms; the fold divided W_dec by
+            # the scaling factor, so thresholds in those units shrink by the same factor.
+            self.running_theta /= scaling_factor
+            self.threshold /= scaling_factor
+
+    @override
+    def process_state_dict_for_loading(self, state_dict: dict[str, Any]) -> None:
+        # SAELens's disk loaders cast every tensor to the config dtype; counters are integers.
+        if "tokens_since_fired" in state_dict:
+            state_dict["tokens_since_fired"] = state_dict["tokens_since_fired"].round().long()
+
+    @override
+    def process_state_dict_for_saving_inference(self, state_dict: dict[str, Any]) -> None:
+        super().process_state_dict_for_saving_inference(state_dict)
+        for name in ("running_theta", "tokens_since_fired", "threshold"):
+            state_dict.pop(name)
+        state_dict["threshold"] = self.inference_thresholds().to(self.dtype)

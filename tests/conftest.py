@@ -1,0 +1,83 @@
+"""Shared fixtures: a tiny random HookedTransformer and a tiny pre-tokenized dataset.
+
+Everything here is built locally (no Hub) and sized so the runner trains in seconds on CPU.
+"""
+
+from __future__ import annotations
+
+import os
+
+import pytest
+import torch
+from datasets import Dataset
+from transformer_lens import HookedTransformer, HookedTransformerConfig
+
+os.environ.setdefault("WANDB_MODE", "disabled")
+
+import sae_lens_batchtopk  # noqa: F401  (registers the architecture)
+
+TINY_D_MODEL = 16
+TINY_VOCAB = 64
+TINY_CONTEXT = 16
+TINY_HOOK = "blocks.0.hook_resid_post"
+
+
+def tiny_model_config() -> HookedTransformerConfig:
+    return HookedTransformerConfig(
+        n_layers=2,
+        d_model=TINY_D_MODEL,
+        d_head=4,
+        n_heads=4,
+        d_mlp=32,
+        d_vocab=TINY_VOCAB,
+        n_ctx=TINY_CONTEXT,
+        act_fn="gelu",
+        normalization_type="LN",
+        seed=0,
+    )
+
+
+@pytest.fixture(scope="session")
+def tiny_model() -> HookedTransformer:
+    torch.manual_seed(0)
+    return HookedTransformer(tiny_model_config())
+
+
+@pytest.fixture(scope="session")
+def tiny_dataset() -> Dataset:
+    generator = torch.Generator().manual_seed(0)
+    tokens = torch.randint(1, TINY_VOCAB, (512, TINY_CONTEXT), generator=generator)
+    tokens[:, 0] = 0
+    return Dataset.from_dict({"input_ids": tokens.tolist()})
+
+
+def tiny_runner_kwargs(tmp_path: object, **overrides: object) -> dict[str, object]:
+    """Flat options for make_runner_config that train the tiny model in a few seconds."""
+    kwargs: dict[str, object] = {
+        "d_in": TINY_D_MODEL,
+        "d_sae": 64,
+        "k": 4.0,
+        "dead_tokens_window": 256,
+        "calibration_tokens": 512,
+        "model_name": "tiny-random",
+        "hook_name": TINY_HOOK,
+        "dataset_path": "local/tiny",
+        "is_dataset_tokenized": True,
+        "streaming": False,
+        "context_size": TINY_CONTEXT,
+        "prepend_bos": False,
+        "training_tokens": 4096,
+        "train_batch_size_tokens": 64,
+        "store_batch_size_prompts": 8,
+        "n_batches_in_buffer": 8,
+        "lr": 3e-3,
+        "device": "cpu",
+        "seed": 0,
+        "log_to_wandb": False,
+        "checkpoint_path": str(tmp_path) + "/checkpoints",
+        "output_path": str(tmp_path) + "/output",
+        "verbose": False,
+        "n_batches_for_norm_estimate": 4,
+    }
+    kwargs.update(overrides)
+    return kwargs

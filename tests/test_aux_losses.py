@@ -1,0 +1,118 @@
+"""AuxK against a hand computation; the registry's contract."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from sae_lens_batchtopk import (
+    CalibratedBatchTopKTrainingSAE,
+    CalibratedBatchTopKTrainingSAEConfig,
+    register_aux_loss,
+    registered_aux_losses,
+)
+from sae_lens_batchtopk.aux_losses import AuxLossInputs, auxk_loss, get_aux_loss
+
+W_DEC = torch.tensor([[1.0, 0.0], [0.0, 1.0], [1.0, 1.0]])
+
+
+def hand_inputs(sae_out: torch.Tensor, hidden_pre: torch.Tensor) -> AuxLossInputs:
+    sae_in = torch.tensor([[1.0, 1.0], [2.0, 4.0]]) + sae_out.detach()
+    return AuxLossInputs(
+        sae_in=sae_in,
+        sae_out=sae_out,
+        hidden_pre=hidden_pre,
+        feature_acts=torch.zeros_like(hidden_pre),
+        dead_mask=torch.tensor([False, True, True]),
+        k_aux=1,
+        decode_directions=lambda acts: acts @ W_DEC,
+    )
+
+
+def test_auxk_matches_hand_computation() -> None:
+    # residual e = [[1, 1], [2, 4]]; token 0 keeps dead latent 1 (2.0) -> ê = [0, 2];
+    # token 1 keeps dead latent 2 (3.0) -> ê = [3, 3]. Squared errors 2 and 2, mean 2.
+    # Residual variance: mean e = [1.5, 2.5], squared deviations 2.5 each -> 2.5.
+    hidden_pre = torch.tensor([[5.0, 2.0, 1.0], [5.0, -1.0, 3.0]])
+    loss = auxk_loss(hand_inputs(torch.zeros(2, 2), hidden_pre))
+    assert loss.item() == pytest.approx(2.0 / 2.5)
+
+
+def test_auxk_gradient_does_not_reach_residual() -> None:
+    sae_out = torch.zeros(2, 2, requires_grad=True)
+    hidden_pre = torch.tensor([[5.0, 2.0, 1.0], [5.0, -1.0, 3.0]], requires_grad=True)
+    auxk_loss(hand_inputs(sae_out, hidden_pre)).backward()
+    assert sae_out.grad is None
+    assert hidden_pre.grad is not None
+    assert torch.all(hidden_pre.grad[:, 0] == 0)  # the live latent gets nothing
+
+
+def test_auxk_is_zero_without_dead_latents() -> None:
+    inputs = hand_inputs(torch.zeros(2, 2), torch.randn(2, 3))
+    inputs = AuxLossInputs(**{**inputs.__dict__, "dead_mask": torch.zeros(3, dtype=torch.bool)})
+    assert auxk_loss(inputs).item() == 0.0
+
+
+def test_auxk_in_sae_touches_only_dead_decoder_rows_and_no_bias() -> None:
+    torch.manual_seed(0)
+    cfg = CalibratedBatchTopKTrainingSAEConfig(
+        d_in=8,
+        d_sae=32,
+        k=2,
+        aux_k=4,
+        dead_tokens_window=1,
+        aux_losses={"auxk": 1.0},
+        apply_b_dec_to_input=False,  # so b_dec could only get gradient through the aux decode
+    )
+    sae = CalibratedBatchTopKTrainingSAE(cfg)
+    dead = torch.zeros(32, dtype=torch.bool)
+    dead[:10] = True
+    sae.tokens_since_fired.copy_(torch.where(dead, 1, 0))
+    x = torch.randn(16, 8)
+    feature_acts, hidden_pre = sae.encode_with_hidden_pre(x)
+    sae_out = sae.decode(feature_acts)
+    from sae_lens.saes.sae import TrainStepInput
+
+    step = TrainStepInput(
+        sae_in=x,
+        coefficients={"auxk": 1.0},
+        dead_neuron_mask=None,
+        n_training_steps=0,
+        is_logging_step=False,
+    )
+    losses = sae.calculate_aux_loss(step, feature_acts, hidden_pre, sae_out)
+    assert set(losses) == {"auxk_loss"}
+    losses["auxk_loss"].backward()
+    assert sae.b_dec.grad is None or torch.all(sae.b_dec.grad == 0)
+    assert torch.all(sae.W_dec.grad[~dead] == 0)
+    assert sae.W_dec.grad[dead].abs().sum() > 0
+
+
+def test_registry_lists_builtins_and_rejects_duplicates() -> None:
+    assert "auxk" in registered_aux_losses()
+    with pytest.raises(ValueError, match="already registered"):
+        register_aux_loss("auxk", auxk_loss)
+
+
+def test_unknown_loss_lists_registered_names() -> None:
+    with pytest.raises(ValueError, match=r"registered aux losses: .*auxk"):
+        get_aux_loss("nope")
+    with pytest.raises(ValueError, match="unknown aux loss 'nope'"):
+        CalibratedBatchTopKTrainingSAEConfig(d_in=8, d_sae=32, k=2, aux_losses={"nope": 1.0})
+
+
+def test_custom_loss_trains_through_registry() -> None:
+    register_aux_loss(
+        "test_l1", lambda inputs: inputs.feature_acts.abs().sum(-1).mean(), overwrite=True
+    )
+    cfg = CalibratedBatchTopKTrainingSAEConfig(d_in=8, d_sae=32, k=2, aux_losses={"test_l1": 0.5})
+    sae = CalibratedBatchTopKTrainingSAE(cfg)
+    assert {"test_l1"} == set(sae.get_coefficients())
+
+
+@pytest.mark.parametrize("coefficient", [-1.0, float("nan")])
+def test_bad_coefficients(coefficient: float) -> None:
+    with pytest.raises(ValueError, match=r"aux_losses\['auxk'\]"):
+        CalibratedBatchTopKTrainingSAEConfig(
+            d_in=8, d_sae=32, k=2, aux_losses={"auxk": coefficient}
+        )
