@@ -1,4 +1,4 @@
-"""Runner configuration from flat keyword arguments.
+"""Runner configuration from flat keyword arguments, and the calibrating training runner.
 
 SAELens's ``LanguageModelSAERunnerConfig`` takes the architecture as the *type* of its ``sae``
 config and nests logging options in a ``LoggingConfig``. Researchers think in one flat list of
@@ -8,13 +8,23 @@ each keyword to the object that owns it and refuses anything nobody owns.
 
 from __future__ import annotations
 
+from collections.abc import Iterable, Iterator
 from dataclasses import fields
 from typing import Any
 
+import torch
+import wandb
+from sae_lens import LanguageModelSAETrainingRunner
 from sae_lens.config import LanguageModelSAERunnerConfig, LoggingConfig
 from sae_lens.registry import SAE_TRAINING_CLASS_REGISTRY
+from sae_lens.saes.sae import TrainingSAE
+from typing_extensions import override
 
-from sae_lens_batchtopk.saes.calibrated_batchtopk_sae import ARCHITECTURE
+from sae_lens_batchtopk.calibration import CalibrationResult, calibrate_with_report
+from sae_lens_batchtopk.saes.calibrated_batchtopk_sae import (
+    ARCHITECTURE,
+    CalibratedBatchTopKTrainingSAE,
+)
 
 # Options that both the runner and the SAE config carry; they must agree, so one keyword sets both.
 _SHARED_FIELDS = frozenset({"device", "dtype"})
@@ -76,3 +86,66 @@ def _training_config_class(architecture: str) -> type[Any]:
             f"unknown architecture {architecture!r}; registered training architectures: "
             f"{sorted(SAE_TRAINING_CLASS_REGISTRY)}"
         ) from None
+
+
+class CalibratingSAETrainingRunner(LanguageModelSAETrainingRunner):
+    """SAELens's runner, plus threshold calibration on unseen tokens before the final save.
+
+    Training is SAELens's own. At ``save_final_sae`` (activation-norm scaling already folded
+    into the weights) a ``calibrated_batchtopk`` SAE is calibrated with the method, target and
+    token count of its config on activations drawn *after* training, so the store has not shown
+    them to the trainer; a further disjoint slice is held out for the before/after report. The
+    result is recorded in the saved config's metadata under ``calibration``. Other
+    architectures are saved exactly as SAELens would.
+    """
+
+    calibration: CalibrationResult | None = None
+    calibration_report: dict[str, dict[str, float]] | None = None
+
+    @override
+    def save_final_sae(
+        self,
+        sae: TrainingSAE[Any],
+        output_path: str,
+        log_feature_sparsity: torch.Tensor | None = None,
+    ) -> None:
+        if isinstance(sae, CalibratedBatchTopKTrainingSAE) and sae.cfg.calibration_method != "none":
+            self._calibrate(sae)
+        super().save_final_sae(sae, output_path, log_feature_sparsity)
+
+    def _calibrate(self, sae: CalibratedBatchTopKTrainingSAE) -> None:
+        cfg = sae.cfg
+        report_tokens = min(max(cfg.calibration_tokens // 4, 1), 262_144)
+        heldout = list(_draw_tokens(self.activations_store, report_tokens))
+        self.calibration, self.calibration_report = calibrate_with_report(
+            sae,
+            self.activations_store,
+            heldout,
+            method=cfg.calibration_method,  # type: ignore[arg-type]
+            target_l0=cfg.calibration_target_l0,
+            n_tokens=cfg.calibration_tokens,
+            show_progress=self.cfg.verbose,
+        )
+        cfg.metadata.calibration = {
+            **self.calibration.to_metadata(),
+            "heldout": self.calibration_report,
+        }
+        if self.cfg.logger.log_to_wandb:
+            wandb.log(
+                {
+                    f"calibration/{mode}/{name}": value
+                    for mode, stats in self.calibration_report.items()
+                    for name, value in stats.items()
+                }
+            )
+
+
+def _draw_tokens(batches: Iterable[torch.Tensor], n_tokens: int) -> Iterator[torch.Tensor]:
+    """Take whole batches from an activation stream until ``n_tokens`` tokens were drawn."""
+    drawn = 0
+    for batch in batches:
+        flat = batch.reshape(-1, batch.shape[-1])
+        yield flat
+        drawn += flat.shape[0]
+        if drawn >= n_tokens:
+            return

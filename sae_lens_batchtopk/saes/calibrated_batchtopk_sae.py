@@ -25,10 +25,12 @@ from typing import Any, Literal
 
 import torch
 from sae_lens.config import dict_field
+from sae_lens.saes.batchtopk_sae import BatchTopKTrainingSAE
 from sae_lens.saes.jumprelu_sae import JumpReLUSAE, JumpReLUSAEConfig
 from sae_lens.saes.sae import (
     SAE,
     SAEConfig,
+    SAEMetadata,
     TrainCoefficientConfig,
     TrainingSAEConfig,
     TrainStepInput,
@@ -171,7 +173,7 @@ class CalibratedBatchTopKSAE(SAE[CalibratedBatchTopKSAEConfig]):
         metadata["exported_from_architecture"] = ARCHITECTURE
         metadata["k"] = self.cfg.k
         cfg = JumpReLUSAEConfig(**cfg_dict)
-        cfg.metadata = type(self.cfg.metadata)(**metadata)
+        cfg.metadata = SAEMetadata(**metadata)
         jumprelu = JumpReLUSAE(cfg)
         jumprelu.load_state_dict(
             {
@@ -183,6 +185,48 @@ class CalibratedBatchTopKSAE(SAE[CalibratedBatchTopKSAEConfig]):
             }
         )
         return jumprelu
+
+    @classmethod
+    @torch.no_grad()
+    def from_sae(cls, sae: SAE[Any], *, k: float | None = None) -> CalibratedBatchTopKSAE:
+        """Convert a BatchTopK SAE trained elsewhere into this inference form, to calibrate it.
+
+        Accepts SAELens's built-in ``batchtopk`` training SAE (its export folds decoder norms and
+        broadcasts its EMA threshold), a ``JumpReLUSAE`` exported from a BatchTopK run, or a
+        ``calibrated_batchtopk`` SAE of either form. ``k`` defaults to the one the SAE records.
+        """
+        if isinstance(sae, (BatchTopKTrainingSAE, CalibratedBatchTopKTrainingSAE)):
+            state = sae.state_dict()
+            sae.process_state_dict_for_saving_inference(state)
+            cfg_dict = sae.cfg.get_inference_sae_cfg_dict()
+        elif isinstance(sae, (JumpReLUSAE, CalibratedBatchTopKSAE)):
+            state = sae.state_dict()
+            cfg_dict = sae.cfg.to_dict()
+        else:
+            raise TypeError(
+                f"cannot convert an SAE of architecture {sae.cfg.architecture()!r}; expected"
+                " batchtopk, jumprelu (exported from batchtopk) or calibrated_batchtopk"
+            )
+        k = k if k is not None else recorded_k(sae)
+        if k is None:
+            raise ValueError("this SAE does not record the k it was trained with; pass k=...")
+        base = {f.name for f in fields(SAEConfig)} - {"metadata"}
+        cfg = CalibratedBatchTopKSAEConfig(**{name: cfg_dict[name] for name in base}, k=k)
+        cfg.metadata = SAEMetadata(**cfg_dict["metadata"])
+        converted = cls(cfg)
+        names = ("W_enc", "b_enc", "W_dec", "b_dec", "threshold")
+        converted.load_state_dict({name: state[name].detach().clone() for name in names})
+        return converted
+
+
+def recorded_k(sae: SAE[Any]) -> float | None:
+    """The training k an SAE records: in its config, its metadata, or its training details."""
+    metadata = sae.cfg.metadata
+    details = metadata.get("training_architecture_details") or {}
+    for value in (getattr(sae.cfg, "k", None), metadata.get("k"), details.get("k")):
+        if value is not None:
+            return float(value)
+    return None
 
 
 def _as_threshold_vector(threshold: torch.Tensor | float, d_sae: int) -> torch.Tensor:

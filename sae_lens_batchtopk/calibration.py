@@ -1,0 +1,455 @@
+"""Threshold calibration: make the inference L0 equal the L0 that was asked for.
+
+BatchTopK trains with a batch-level budget but must infer token by token, through a JumpReLU
+threshold. Other libraries export an EMA of per-batch thresholds taken over weights that kept
+changing, so the inference L0 drifts from ``k`` by run-dependent amounts. Here thresholds are
+computed once, with the *final* weights, on tokens the training did not see:
+
+- ``"paper"``: θ = mean over batches of the minimum positive batch-top-k activation (the
+  BatchTopK paper's E_X[min{z > 0}]), one θ for every latent. A reference point.
+- ``"l0"``: one global θ such that the mean inference L0 on the calibration tokens equals the
+  target (the target-quantile of all pre-activations).
+- ``"per_latent"``: one θ per latent, chosen so that each latent fires at inference as often as
+  it fires under batch top-k on the same tokens, scaled so the total mean L0 is the target.
+  A latent that never fired gets a finite threshold above everything it produced.
+
+Streaming and memory: pre-activations are never stored. Each batch is encoded in chunks and
+folded into integer histograms keyed by the float32 bit pattern (which is monotone for positive
+floats), so a threshold is always a bin edge and the L0 it gives on the calibration data is an
+exact count, not an estimate. Memory is O(d_sae x bins) for ``"per_latent"`` (about 340 MB at
+d_sae 65536) plus one chunk of pre-activations, independent of the number of tokens. Results
+depend only on the input order (no randomness, integer accumulation).
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable, Iterable, Iterator
+from dataclasses import asdict, dataclass
+from typing import Any, Literal
+
+import torch
+from sae_lens.saes.batchtopk_sae import BatchTopKTrainingSAE
+from sae_lens.saes.jumprelu_sae import JumpReLUSAE
+from sae_lens.saes.sae import SAE
+from tqdm.auto import tqdm
+
+from sae_lens_batchtopk.evaluation import reconstruction_stats
+from sae_lens_batchtopk.saes.calibrated_batchtopk_sae import (
+    CalibratedBatchTopKSAE,
+    CalibratedBatchTopKTrainingSAE,
+    recorded_k,
+)
+from sae_lens_batchtopk.selection import n_selected
+
+CalibrationMethod = Literal["paper", "l0", "per_latent"]
+METHODS: tuple[str, ...] = ("paper", "l0", "per_latent")
+
+# Global histogram: float32 bits >> 12 keeps 11 mantissa bits (bins 0.05% wide), 2^19 bins.
+_GLOBAL_SHIFT = 12
+_GLOBAL_BINS = 1 << (31 - _GLOBAL_SHIFT)
+# Per-latent histograms: 6 mantissa bits (bins ~1.1% wide) over 2^±16 around a reference θ.
+_LATENT_SHIFT = 17
+_LATENT_BINADES = 32
+_LATENT_BINS = _LATENT_BINADES << (23 - _LATENT_SHIFT)
+
+# Minimum statistics behind a threshold: the target quantile must rest on this many firing
+# events in total ("l0"), or on this many per latent on average ("per_latent").
+MIN_EVENTS_GLOBAL = 1000
+MIN_EVENTS_PER_LATENT = 10
+
+
+@dataclass(frozen=True)
+class CalibrationResult:
+    """What calibration measured and set.
+
+    Attributes:
+        method: the calibration method.
+        target_l0: the mean inference L0 aimed for (``None`` for ``"paper"``).
+        theta: the global θ (``"paper"``, ``"l0"``) or the median per-latent θ.
+        achieved_l0: mean inference L0 on the calibration tokens with the new thresholds.
+        batch_topk_l0: mean L0 of batch top-k on the same tokens (``k`` unless fewer fired).
+        n_tokens: calibration tokens used.
+        n_never_fired: latents that never fired under batch top-k on the calibration tokens.
+        thresholds: the per-latent thresholds that were set (length ``d_sae``).
+    """
+
+    method: str
+    target_l0: float | None
+    theta: float
+    achieved_l0: float
+    batch_topk_l0: float
+    n_tokens: int
+    n_never_fired: int
+    thresholds: torch.Tensor
+
+    def to_metadata(self) -> dict[str, Any]:
+        """JSON-ready summary, recorded in the saved SAE config's metadata."""
+        summary = asdict(self)
+        del summary["thresholds"]
+        return summary
+
+
+@dataclass(frozen=True)
+class _Target:
+    """How to read pre-activations from one SAE class and write thresholds back."""
+
+    pre_activations: Callable[[torch.Tensor], torch.Tensor]
+    k: float
+    d_sae: int
+    set_thresholds: Callable[[torch.Tensor], None]
+
+
+def calibrate_thresholds(
+    sae: SAE[Any],
+    activations: Iterable[torch.Tensor],
+    *,
+    method: CalibrationMethod = "l0",
+    target_l0: float | None = None,
+    n_tokens: int = 1_000_000,
+    k: float | None = None,
+    chunk_tokens: int = 1024,
+    show_progress: bool = False,
+) -> CalibrationResult:
+    """Compute inference thresholds with the SAE's final weights and set them on the SAE.
+
+    Args:
+        sae: a ``calibrated_batchtopk`` SAE (training or inference form; on a training SAE
+            ``save_inference_model`` then exports the calibrated thresholds), or a SAELens
+            ``JumpReLUSAE`` exported from a BatchTopK run (its threshold vector is replaced).
+            Convert SAELens's built-in ``batchtopk`` training SAE first with
+            ``CalibratedBatchTopKSAE.from_sae``.
+        activations: iterable of activation batches ``(..., d_in)``, e.g. an ``ActivationsStore``.
+            Batch boundaries matter for ``"paper"`` and ``"per_latent"`` (batch top-k is taken
+            per batch): pass batches of the training batch size.
+        method: ``"l0"``, ``"per_latent"`` or ``"paper"`` (see the module docstring).
+        target_l0: mean inference L0 to reach; defaults to ``k``.
+        n_tokens: calibration tokens to draw; the iterable must provide at least this many.
+        k: the SAE's training k, needed only when the SAE does not record it.
+        chunk_tokens: tokens encoded at once; bounds the ``chunk x d_sae`` working memory.
+        show_progress: show a progress bar.
+
+    Raises:
+        TypeError: the SAE is of an architecture this cannot calibrate.
+        ValueError: bad ``method``, ``target_l0``, ``n_tokens``; too few tokens for a reliable
+            threshold; NaN or infinite activations; the iterable ran out early. The SAE is
+            left untouched whenever an error is raised.
+    """
+    target = _target_for(sae, k)
+    if method not in METHODS:
+        raise ValueError(f"method must be one of {METHODS}, got method={method!r}")
+    if target_l0 is None:
+        target_l0 = target.k
+    if isinstance(target_l0, bool) or not isinstance(target_l0, (int, float)):
+        raise TypeError(f"target_l0 must be a number, got {target_l0!r}")
+    if not (0 < target_l0 <= target.d_sae):
+        raise ValueError(f"target_l0 must be in (0, d_sae={target.d_sae}], got {target_l0}")
+    _check_token_budget(method, n_tokens, float(target_l0), target.d_sae)
+    if chunk_tokens <= 0:
+        raise ValueError(f"chunk_tokens must be > 0, got {chunk_tokens}")
+
+    stats = _Statistics(target.d_sae, per_latent=method == "per_latent")
+    with torch.no_grad():
+        for batch in _take_tokens(activations, n_tokens, show_progress):
+            stats.add_batch(batch, target, chunk_tokens)
+
+    thresholds, achieved = {
+        "paper": stats.paper_thresholds,
+        "l0": stats.global_thresholds,
+        "per_latent": stats.per_latent_thresholds,
+    }[method](float(target_l0))
+    target.set_thresholds(thresholds)
+    return CalibrationResult(
+        method=method,
+        target_l0=None if method == "paper" else float(target_l0),
+        theta=float(thresholds.median()),
+        achieved_l0=achieved,
+        batch_topk_l0=stats.batch_topk_l0,
+        n_tokens=stats.n_tokens,
+        n_never_fired=int((stats.topk_counts == 0).sum()),
+        thresholds=thresholds,
+    )
+
+
+def _check_token_budget(method: str, n_tokens: int, target_l0: float, d_sae: int) -> None:
+    if isinstance(n_tokens, bool) or not isinstance(n_tokens, int) or n_tokens <= 0:
+        raise ValueError(f"n_tokens must be a positive integer, got {n_tokens!r}")
+    if method == "per_latent":
+        needed = math.ceil(MIN_EVENTS_PER_LATENT * d_sae / target_l0)
+        reason = f"{MIN_EVENTS_PER_LATENT} firings per latent on average"
+    else:
+        needed = math.ceil(MIN_EVENTS_GLOBAL / target_l0)
+        reason = f"{MIN_EVENTS_GLOBAL} firing events"
+    if n_tokens < needed:
+        raise ValueError(
+            f"n_tokens={n_tokens} is too few for method={method!r} at target L0 {target_l0}:"
+            f" a reliable threshold needs {reason}, i.e. n_tokens >= {needed}"
+        )
+
+
+def _target_for(sae: SAE[Any], k: float | None) -> _Target:
+    """Adapt each supported SAE class to (pre-activations, k, threshold setter)."""
+    if isinstance(sae, CalibratedBatchTopKTrainingSAE):
+        return _Target(
+            pre_activations=lambda x: sae.encode_with_hidden_pre(x)[1],
+            k=k if k is not None else sae.cfg.k,
+            d_sae=sae.cfg.d_sae,
+            set_thresholds=sae.set_thresholds,
+        )
+    if isinstance(sae, CalibratedBatchTopKSAE):
+        return _Target(
+            pre_activations=lambda x: sae.process_sae_in(x) @ sae.W_enc + sae.b_enc,
+            k=k if k is not None else sae.cfg.k,
+            d_sae=sae.cfg.d_sae,
+            set_thresholds=sae.set_thresholds,
+        )
+    if isinstance(sae, JumpReLUSAE):
+        recorded = recorded_k(sae)
+        if k is None and recorded is None:
+            raise ValueError(
+                "this JumpReLU SAE does not record the k it was trained with"
+                " (metadata training_architecture_details.k); pass k=..."
+            )
+
+        def set_jumprelu_thresholds(thresholds: torch.Tensor) -> None:
+            sae.threshold.data.copy_(thresholds)
+
+        return _Target(
+            pre_activations=lambda x: sae.process_sae_in(x) @ sae.W_enc + sae.b_enc,
+            k=float(k if k is not None else recorded),  # type: ignore[arg-type]
+            d_sae=sae.cfg.d_sae,
+            set_thresholds=set_jumprelu_thresholds,
+        )
+    if isinstance(sae, BatchTopKTrainingSAE):
+        raise TypeError(
+            "SAELens's built-in batchtopk training SAE exports one scalar threshold; convert it"
+            " first: calibrate_thresholds(CalibratedBatchTopKSAE.from_sae(sae), ...)"
+        )
+    raise TypeError(
+        f"cannot calibrate an SAE of architecture {sae.cfg.architecture()!r}; supported:"
+        " calibrated_batchtopk (training or inference), jumprelu exported from batchtopk"
+    )
+
+
+def _take_tokens(
+    activations: Iterable[torch.Tensor], n_tokens: int, show_progress: bool
+) -> Iterator[torch.Tensor]:
+    """Yield ``(n, d_in)`` batches until exactly ``n_tokens`` tokens were produced."""
+    seen = 0
+    with tqdm(total=n_tokens, desc="Calibrating thresholds", disable=not show_progress) as bar:
+        for batch in activations:
+            flat = batch.reshape(-1, batch.shape[-1])
+            if not torch.isfinite(flat).all():
+                raise ValueError(
+                    "calibration activations contain NaN or inf; the SAE was not changed"
+                )
+            flat = flat[: n_tokens - seen]
+            seen += flat.shape[0]
+            bar.update(flat.shape[0])
+            yield flat
+            if seen >= n_tokens:
+                return
+    raise ValueError(
+        f"the activations ran out after {seen} tokens but n_tokens={n_tokens} were requested;"
+        " lower n_tokens or provide more activations. The SAE was not changed"
+    )
+
+
+def _float_bits(values: torch.Tensor) -> torch.Tensor:
+    """int32 bit patterns of float32 values: monotone in the value for positive floats."""
+    return values.float().contiguous().view(torch.int32)
+
+
+def _bits_to_float(bits: torch.Tensor) -> torch.Tensor:
+    return bits.to(torch.int32).contiguous().view(torch.float32)
+
+
+def _threshold_below_key(key: torch.Tensor, shift: int) -> torch.Tensor:
+    """Largest float whose key is below ``key``: then ``z > θ`` iff ``key(z) >= key``.
+
+    Key 0 means "every positive value fires", i.e. θ = 0.
+    """
+    bits = (key.long() << shift) - 1
+    return torch.where(key > 0, _bits_to_float(bits.clamp(min=0)), torch.zeros(()))
+
+
+class _Statistics:
+    """Streaming integer statistics from which every method's thresholds are exact bin edges."""
+
+    def __init__(self, d_sae: int, *, per_latent: bool) -> None:
+        self.d_sae = d_sae
+        self.per_latent = per_latent
+        self.n_tokens = 0
+        self.n_selected = 0
+        self.batch_theta_sum = 0.0
+        self.n_batches_with_fires = 0
+        self.global_hist = torch.zeros(_GLOBAL_BINS, dtype=torch.long)
+        self.topk_counts = torch.zeros(d_sae, dtype=torch.long)
+        self.max_pre = torch.full((d_sae,), -torch.inf)
+        self.latent_hist: torch.Tensor | None = None
+        self.latent_key_offset = 0
+
+    @property
+    def batch_topk_l0(self) -> float:
+        return self.n_selected / max(self.n_tokens, 1)
+
+    def add_batch(self, batch: torch.Tensor, target: _Target, chunk_tokens: int) -> None:
+        """Batch top-k threshold first (chunked top-m merge), then histogram every chunk."""
+        m = min(n_selected(target.k, batch.shape[0]), batch.shape[0] * self.d_sae)
+        chunks = batch.split(chunk_tokens)
+        top = torch.empty(0)
+        for chunk in chunks:
+            relu = target.pre_activations(chunk).relu().flatten().float().cpu()
+            top = torch.cat([top, relu.topk(min(m, relu.numel()), sorted=False).values])
+            top = top.topk(min(m, top.numel()), sorted=False).values
+        positives = top[top > 0]
+        batch_theta = float(positives.min()) if positives.numel() else math.inf
+        if positives.numel():
+            self.batch_theta_sum += batch_theta
+            self.n_batches_with_fires += 1
+        if self.per_latent and self.latent_hist is None and math.isfinite(batch_theta):
+            self._init_latent_hist(batch_theta)
+        for chunk in chunks:
+            self._add_chunk(target.pre_activations(chunk).float().cpu(), batch_theta)
+        self.n_tokens += batch.shape[0]
+
+    def _init_latent_hist(self, reference_theta: float) -> None:
+        reference_key = int(_float_bits(torch.tensor(reference_theta))) >> _LATENT_SHIFT
+        self.latent_key_offset = reference_key - _LATENT_BINS // 2
+        # bin 0: positive values below the range; bin B+1: above it.
+        self.latent_hist = torch.zeros(self.d_sae, _LATENT_BINS + 2, dtype=torch.int32)
+
+    def _add_chunk(self, pre: torch.Tensor, batch_theta: float) -> None:
+        self.max_pre = torch.maximum(self.max_pre, pre.max(0).values)
+        self.topk_counts += (pre >= batch_theta).sum(0)
+        self.n_selected += int((pre >= batch_theta).sum())
+        positive = pre > 0
+        values = pre[positive]
+        bits = _float_bits(values)
+        self.global_hist += torch.bincount(bits >> _GLOBAL_SHIFT, minlength=_GLOBAL_BINS)
+        if self.latent_hist is not None:
+            latent = positive.nonzero()[:, 1]
+            key = (bits >> _LATENT_SHIFT) - self.latent_key_offset + 1
+            key = key.clamp_(0, _LATENT_BINS + 1)
+            flat = latent * (_LATENT_BINS + 2) + key
+            counts = torch.bincount(flat, minlength=self.latent_hist.numel())
+            self.latent_hist += counts.view_as(self.latent_hist).to(torch.int32)
+
+    def paper_thresholds(self, _target_l0: float) -> tuple[torch.Tensor, float]:
+        if self.n_batches_with_fires == 0:
+            raise ValueError("no latent fired on the calibration tokens; cannot estimate θ")
+        theta = self.batch_theta_sum / self.n_batches_with_fires
+        # Snap θ to the global histogram's bin edge just above it (a 0.05% move) so that the
+        # reported L0 is an exact count like the other methods'.
+        key = torch.tensor(int(_float_bits(torch.tensor(theta))) >> _GLOBAL_SHIFT) + 1
+        achieved = float(self.global_hist[int(key) :].sum()) / self.n_tokens
+        return _threshold_below_key(key, _GLOBAL_SHIFT).expand(self.d_sae).clone(), achieved
+
+    def global_thresholds(self, target_l0: float) -> tuple[torch.Tensor, float]:
+        wanted = target_l0 * self.n_tokens
+        count_at_or_above = self.global_hist.flip(0).cumsum(0).flip(0)
+        key = int(torch.argmin((count_at_or_above - wanted).abs()))
+        theta = _threshold_below_key(torch.tensor(key), _GLOBAL_SHIFT)
+        achieved = float(count_at_or_above[key]) / self.n_tokens
+        return theta.expand(self.d_sae).clone(), achieved
+
+    def per_latent_thresholds(self, target_l0: float) -> tuple[torch.Tensor, float]:
+        if self.latent_hist is None or self.n_selected == 0:
+            raise ValueError("no latent fired on the calibration tokens; cannot calibrate")
+        count_at_or_above = self.latent_hist.long().flip(1).cumsum(1).flip(1)  # (d_sae, B + 2)
+        frequency = self.topk_counts.double() / self.n_selected  # share of all firings
+        wanted_total = target_l0 * self.n_tokens
+
+        def nearest_bins(scale: float) -> tuple[torch.Tensor, torch.Tensor]:
+            wanted = frequency * (wanted_total * scale)
+            distance = (count_at_or_above.double() - wanted[:, None]).abs()
+            bins = torch.argmin(distance, dim=1)
+            return bins, count_at_or_above.gather(1, bins[:, None]).squeeze(1)
+
+        # Rounding each latent to its nearest bin edge biases the total; a common scale on the
+        # per-latent targets, found by bisection, removes that bias so the total hits the target.
+        low, high = 0.5, 2.0
+        bins, counts = nearest_bins(1.0)
+        for _ in range(40):
+            if abs(float(counts.sum()) - wanted_total) <= 0.5:
+                break
+            scale = (low + high) / 2
+            bins, counts = nearest_bins(scale)
+            if float(counts.sum()) > wanted_total:
+                high = scale
+            else:
+                low = scale
+
+        key = bins + self.latent_key_offset - 1
+        thresholds = torch.where(
+            bins > 0, _threshold_below_key(key.clamp(min=1), _LATENT_SHIFT), torch.zeros(())
+        )
+        never = self.topk_counts == 0
+        if never.any():
+            quiet_floor = thresholds[~never].median() if (~never).any() else torch.tensor(0.0)
+            thresholds = torch.where(never, self.max_pre.clamp(min=quiet_floor), thresholds)
+            counts = torch.where(never, 0, counts)
+        return thresholds, float(counts.sum()) / self.n_tokens
+
+
+REPORT_ROWS = {
+    "threshold_before": "threshold mode, before calibration",
+    "batch_topk": "batch top-k mode (training rule)",
+    "threshold_after": "threshold mode, after calibration",
+}
+
+
+def calibrate_with_report(
+    sae: SAE[Any],
+    calibration_batches: Iterable[torch.Tensor],
+    heldout_batches: list[torch.Tensor],
+    *,
+    method: CalibrationMethod = "l0",
+    target_l0: float | None = None,
+    n_tokens: int = 1_000_000,
+    show_progress: bool = False,
+) -> tuple[CalibrationResult, dict[str, dict[str, float]]]:
+    """Calibrate, and measure held-out L0 and NMSE before and after, in both encode modes.
+
+    ``heldout_batches`` must be disjoint from the calibration tokens: the report exists to show
+    that the calibrated L0 holds on tokens the thresholds were not fitted to.
+    """
+    before = CalibratedBatchTopKSAE.from_sae(sae)
+    target = target_l0 if target_l0 is not None else before.cfg.k
+    report = {"threshold_before": reconstruction_stats(before, heldout_batches, target_l0=target)}
+    with before.batch_topk_mode():
+        report["batch_topk"] = reconstruction_stats(before, heldout_batches, target_l0=target)
+    result = calibrate_thresholds(
+        sae,
+        calibration_batches,
+        method=method,
+        target_l0=target_l0,
+        n_tokens=n_tokens,
+        show_progress=show_progress,
+    )
+    after = CalibratedBatchTopKSAE.from_sae(sae)
+    report["threshold_after"] = reconstruction_stats(after, heldout_batches, target_l0=target)
+    return result, report
+
+
+def format_calibration_report(
+    result: CalibrationResult, report: dict[str, dict[str, float]]
+) -> str:
+    """Markdown: the calibration numbers, then held-out L0 percentiles and NMSE per mode."""
+    lines = [
+        f"Calibration: method `{result.method}`, target L0 {result.target_l0}, "
+        f"{result.n_tokens:,} tokens, θ (median) {result.theta:.6g}, "
+        f"L0 on calibration tokens {result.achieved_l0:.3f}, "
+        f"latents never firing {result.n_never_fired}.",
+        "",
+        "| held-out tokens | L0 mean | L0 p5 | L0 p50 | L0 p95 | L0 vs target | NMSE |",
+        "|---|---|---|---|---|---|---|",
+    ]
+    for key, label in REPORT_ROWS.items():
+        row = report[key]
+        lines.append(
+            f"| {label} | {row['l0_mean']:.2f} | {row['l0_p5']:.0f} | {row['l0_p50']:.0f} | "
+            f"{row['l0_p95']:.0f} | {row.get('l0_deviation', float('nan')):+.1%} | "
+            f"{row['nmse']:.4f} |"
+        )
+    return "\n".join(lines)
