@@ -56,6 +56,7 @@ _LATENT_BINS = _LATENT_BINADES << (23 - _LATENT_SHIFT)
 # Minimum statistics behind a threshold: the target quantile must rest on this many firing
 # events in total ("l0"), or on this many per latent on average ("per_latent").
 MIN_EVENTS_GLOBAL = 1000
+_MAX_CHUNK_ENTRIES = 1 << 24
 MIN_EVENTS_PER_LATENT = 10
 
 
@@ -148,6 +149,8 @@ def calibrate_thresholds(
     if chunk_tokens <= 0:
         raise ValueError(f"chunk_tokens must be > 0, got {chunk_tokens}")
 
+    # Cap a chunk's pre-activations at 2^24 entries (64 MB in float32) whatever d_sae is.
+    chunk_tokens = max(1, min(chunk_tokens, _MAX_CHUNK_ENTRIES // target.d_sae))
     stats = _Statistics(target.d_sae, per_latent=method == "per_latent")
     with torch.no_grad():
         for batch in _take_tokens(activations, n_tokens, show_progress):
@@ -328,12 +331,14 @@ class _Statistics:
         bits = _float_bits(values)
         self.global_hist += torch.bincount(bits >> _GLOBAL_SHIFT, minlength=_GLOBAL_BINS)
         if self.latent_hist is not None:
-            latent = positive.nonzero()[:, 1]
+            row_start = torch.arange(self.d_sae) * (_LATENT_BINS + 2)
             key = (bits >> _LATENT_SHIFT) - self.latent_key_offset + 1
-            key = key.clamp_(0, _LATENT_BINS + 1)
-            flat = latent * (_LATENT_BINS + 2) + key
-            counts = torch.bincount(flat, minlength=self.latent_hist.numel())
-            self.latent_hist += counts.view_as(self.latent_hist).to(torch.int32)
+            flat_index = row_start.expand_as(pre)[positive] + key.clamp_(0, _LATENT_BINS + 1)
+            # index_add_ into the int32 histogram: a bincount would allocate a dense int64
+            # vector of d_sae x bins (over 1 GB at d_sae 65536) for every chunk.
+            self.latent_hist.view(-1).index_add_(
+                0, flat_index, torch.ones_like(flat_index, dtype=torch.int32)
+            )
 
     def paper_thresholds(self, _target_l0: float) -> tuple[torch.Tensor, float]:
         if self.n_batches_with_fires == 0:

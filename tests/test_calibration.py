@@ -84,9 +84,11 @@ def test_per_latent_matches_batch_topk_frequencies() -> None:
     result = calibrate_thresholds(sae, batches, method="per_latent", n_tokens=80 * 256)
     topk_freq = torch.stack([(batch_topk(b, k) > 0).sum(0) for b in batches]).sum(0).double()
     with torch.no_grad():
-        inference_freq = torch.stack(
-            [(threshold_activation(b, sae.threshold) > 0).sum(0) for b in batches]
-        ).sum(0).double()
+        inference_freq = (
+            torch.stack([(threshold_activation(b, sae.threshold) > 0).sum(0) for b in batches])
+            .sum(0)
+            .double()
+        )
     fired = topk_freq > 200
     relative = (inference_freq[fired] - topk_freq[fired]).abs() / topk_freq[fired]
     assert relative.max() < 0.05
@@ -127,7 +129,9 @@ def test_streaming_equals_in_memory() -> None:
 
 def test_training_sae_exports_calibrated_thresholds(tmp_path: object) -> None:
     torch.manual_seed(0)
-    sae = CalibratedBatchTopKTrainingSAE(CalibratedBatchTopKTrainingSAEConfig(d_in=8, d_sae=32, k=2))
+    sae = CalibratedBatchTopKTrainingSAE(
+        CalibratedBatchTopKTrainingSAEConfig(d_in=8, d_sae=32, k=2)
+    )
     batches = [torch.randn(256, 8) for _ in range(10)]
     result = calibrate_thresholds(sae, batches, method="l0", n_tokens=2560)
     assert sae.is_calibrated
@@ -162,7 +166,9 @@ def test_repairs_builtin_batchtopk_and_its_jumprelu_export() -> None:
 
 def test_report_before_and_after() -> None:
     torch.manual_seed(0)
-    sae = CalibratedBatchTopKTrainingSAE(CalibratedBatchTopKTrainingSAEConfig(d_in=8, d_sae=32, k=2))
+    sae = CalibratedBatchTopKTrainingSAE(
+        CalibratedBatchTopKTrainingSAEConfig(d_in=8, d_sae=32, k=2)
+    )
     sae.running_theta.fill_(0.01)  # a stale estimate: far too many latents fire
     calibration = [torch.randn(256, 8) for _ in range(10)]
     heldout = [torch.randn(256, 8) for _ in range(4)]

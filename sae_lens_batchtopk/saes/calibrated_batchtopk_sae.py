@@ -74,8 +74,29 @@ def _check_dtype(dtype: object) -> None:
         )
 
 
+class _CalibratedBatchTopKConfigRules:
+    """What the training and inference configs share: the architecture name and k/dtype rules.
+
+    Placed before the SAELens base in each config's bases, so its ``__post_init__`` runs
+    SAELens's checks first, then these, at construction time (before any work starts).
+    """
+
+    k: float
+    d_sae: int
+    dtype: str
+
+    @classmethod
+    def architecture(cls) -> str:
+        return ARCHITECTURE
+
+    def __post_init__(self) -> None:
+        super().__post_init__()  # type: ignore[misc]
+        _check_k(self.k, self.d_sae)
+        _check_dtype(self.dtype)
+
+
 @dataclass
-class CalibratedBatchTopKSAEConfig(SAEConfig):
+class CalibratedBatchTopKSAEConfig(_CalibratedBatchTopKConfigRules, SAEConfig):
     """Inference config for a BatchTopK SAE that encodes with per-latent thresholds.
 
     Args:
@@ -84,16 +105,6 @@ class CalibratedBatchTopKSAEConfig(SAEConfig):
     """
 
     k: float = 32.0
-
-    @override
-    @classmethod
-    def architecture(cls) -> str:
-        return ARCHITECTURE
-
-    def __post_init__(self) -> None:
-        super().__post_init__()
-        _check_k(self.k, self.d_sae)
-        _check_dtype(self.dtype)
 
 
 class CalibratedBatchTopKSAE(SAE[CalibratedBatchTopKSAEConfig]):
@@ -242,7 +253,7 @@ def _as_threshold_vector(threshold: torch.Tensor | float, d_sae: int) -> torch.T
 
 
 @dataclass
-class CalibratedBatchTopKTrainingSAEConfig(TrainingSAEConfig):
+class CalibratedBatchTopKTrainingSAEConfig(_CalibratedBatchTopKConfigRules, TrainingSAEConfig):
     """Training config for ``calibrated_batchtopk``.
 
     Args:
@@ -277,15 +288,8 @@ class CalibratedBatchTopKTrainingSAEConfig(TrainingSAEConfig):
     calibration_target_l0: float | None = None
     calibration_tokens: int = 1_000_000
 
-    @override
-    @classmethod
-    def architecture(cls) -> str:
-        return ARCHITECTURE
-
     def __post_init__(self) -> None:
         super().__post_init__()
-        _check_k(self.k, self.d_sae)
-        _check_dtype(self.dtype)
         self._check_aux_fields()
         self._check_calibration_fields()
 
