@@ -361,33 +361,48 @@ class _Statistics:
     def per_latent_thresholds(self, target_l0: float) -> tuple[torch.Tensor, float]:
         if self.latent_hist is None or self.n_selected == 0:
             raise ValueError("no latent fired on the calibration tokens; cannot calibrate")
-        count_at_or_above = self.latent_hist.long().flip(1).cumsum(1).flip(1)  # (d_sae, B + 2)
+        # below[j, b]: latent j's values in bins <= b. A threshold at bin e's lower edge lets
+        # total_j - below[j, e - 1] values fire. int32 and no (d_sae x bins) temporaries beyond
+        # this one, so memory stays near the histogram's own size at d_sae 65536.
+        below = torch.cumsum(self.latent_hist, dim=1, dtype=torch.int32)
+        total = below[:, -1].long()
         frequency = self.topk_counts.double() / self.n_selected  # share of all firings
         wanted_total = target_l0 * self.n_tokens
+        last_edge = _LATENT_BINS + 1
 
-        def nearest_bins(scale: float) -> tuple[torch.Tensor, torch.Tensor]:
-            wanted = frequency * (wanted_total * scale)
-            distance = (count_at_or_above.double() - wanted[:, None]).abs()
-            bins = torch.argmin(distance, dim=1)
-            return bins, count_at_or_above.gather(1, bins[:, None]).squeeze(1)
+        def nearest_edges(scale: float) -> tuple[torch.Tensor, torch.Tensor]:
+            allowed_below = (total - frequency * (wanted_total * scale)).clamp(min=0)
+            first = torch.searchsorted(below, allowed_below.round().to(torch.int32)[:, None])
+            upper = first.squeeze(1).clamp(max=last_edge)  # edge whose below-count >= target
+            lower = (upper - 1).clamp(min=0)
+            counts_upper = total - _below_edge(below, upper)
+            counts_lower = total - _below_edge(below, lower)
+            wanted = total.double() - allowed_below
+            use_lower = (counts_lower - wanted).abs() < (counts_upper - wanted).abs()
+            edges = torch.where(use_lower, lower, upper)
+            return edges, torch.where(use_lower, counts_lower, counts_upper)
 
         # Rounding each latent to its nearest bin edge biases the total; a common scale on the
         # per-latent targets, found by bisection, removes that bias so the total hits the target.
-        low, high = 0.5, 2.0
-        bins, counts = nearest_bins(1.0)
-        for _ in range(40):
-            if abs(float(counts.sum()) - wanted_total) <= 0.5:
+        low, high = 0.25, 4.0
+        edges, counts = nearest_edges(1.0)
+        best = (abs(float(counts.sum()) - wanted_total), edges, counts)
+        for _ in range(50):
+            if best[0] <= 0.5:
                 break
             scale = (low + high) / 2
-            bins, counts = nearest_bins(scale)
-            if float(counts.sum()) > wanted_total:
+            edges, counts = nearest_edges(scale)
+            miss = float(counts.sum()) - wanted_total
+            best = min(best, (abs(miss), edges, counts), key=lambda entry: entry[0])
+            if miss > 0:
                 high = scale
             else:
                 low = scale
+        _, edges, counts = best
 
-        key = bins + self.latent_key_offset - 1
+        key = edges + self.latent_key_offset - 1
         thresholds = torch.where(
-            bins > 0, _threshold_below_key(key.clamp(min=1), _LATENT_SHIFT), torch.zeros(())
+            edges > 0, _threshold_below_key(key.clamp(min=1), _LATENT_SHIFT), torch.zeros(())
         )
         never = self.topk_counts == 0
         if never.any():
@@ -395,6 +410,12 @@ class _Statistics:
             thresholds = torch.where(never, self.max_pre.clamp(min=quiet_floor), thresholds)
             counts = torch.where(never, 0, counts)
         return thresholds, float(counts.sum()) / self.n_tokens
+
+
+def _below_edge(below: torch.Tensor, edges: torch.Tensor) -> torch.Tensor:
+    """Values strictly below each row's edge: ``below[j, e - 1]``, or 0 for edge 0."""
+    gathered = below.gather(1, (edges - 1).clamp(min=0)[:, None]).squeeze(1).long()
+    return torch.where(edges > 0, gathered, 0)
 
 
 REPORT_ROWS = {
