@@ -1,7 +1,9 @@
 """BatchTopK sparse autoencoders as first-class SAELens architectures.
 
 Importing this package registers ``calibrated_batchtopk`` in SAELens's training and inference
-registries, so runner configs, ``SAE.load_from_disk`` and ``SAE.from_pretrained`` know it.
+registries and ``feature_choice`` in its training registry (it exports to the calibrated
+BatchTopK inference form), so runner configs, ``SAE.load_from_disk`` and
+``SAE.from_pretrained`` know them.
 """
 
 from sae_lens_batchtopk.aux_losses import (
@@ -9,6 +11,7 @@ from sae_lens_batchtopk.aux_losses import (
     auxk_loss,
     register_aux_loss,
     registered_aux_losses,
+    zipf_loss,
 )
 from sae_lens_batchtopk.registry import register_architecture
 from sae_lens_batchtopk.runner import make_runner_config
@@ -21,29 +24,40 @@ from sae_lens_batchtopk.saes.calibrated_batchtopk_sae import (
     CalibratedBatchTopKTrainingSAE,
     CalibratedBatchTopKTrainingSAEConfig,
 )
-from sae_lens_batchtopk.selection import batch_topk, threshold_activation
+from sae_lens_batchtopk.saes.feature_choice_sae import (
+    FEATURE_CHOICE,
+    FeatureChoiceTrainingSAE,
+    FeatureChoiceTrainingSAEConfig,
+)
+from sae_lens_batchtopk.selection import batch_topk, feature_choice, threshold_activation
 
 __version__ = "0.1.0"
 
 register_architecture(
     CALIBRATED_BATCHTOPK,
-    CalibratedBatchTopKSAE,
-    CalibratedBatchTopKSAEConfig,
-    CalibratedBatchTopKTrainingSAE,
-    CalibratedBatchTopKTrainingSAEConfig,
+    inference=(CalibratedBatchTopKSAE, CalibratedBatchTopKSAEConfig),
+    training=(CalibratedBatchTopKTrainingSAE, CalibratedBatchTopKTrainingSAEConfig),
+)
+register_architecture(
+    FEATURE_CHOICE, training=(FeatureChoiceTrainingSAE, FeatureChoiceTrainingSAEConfig)
 )
 
 __all__ = [
     "CALIBRATED_BATCHTOPK",
+    "FEATURE_CHOICE",
     "AuxLossInputs",
     "CalibratedBatchTopKSAE",
     "CalibratedBatchTopKSAEConfig",
     "CalibratedBatchTopKTrainingSAE",
     "CalibratedBatchTopKTrainingSAEConfig",
+    "FeatureChoiceTrainingSAE",
+    "FeatureChoiceTrainingSAEConfig",
     "auxk_loss",
     "batch_topk",
+    "feature_choice",
     "make_runner_config",
     "register_aux_loss",
     "registered_aux_losses",
     "threshold_activation",
+    "zipf_loss",
 ]

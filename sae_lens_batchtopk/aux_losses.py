@@ -25,6 +25,8 @@ class AuxLossInputs:
             row norms when the SAE rescales by them), shape ``(..., d_sae)``.
         feature_acts: the selected activations, same shape as ``hidden_pre``.
         dead_mask: boolean ``(d_sae,)``, latents that have not fired for the SAE's dead window.
+        underused_mask: boolean ``(d_sae,)``, latents firing less often than the Zipf-law target
+            for their frequency rank (dead latents included); see :func:`zipf_loss`.
         k_aux: how many dead latents per token an AuxK-style loss may use.
         decode_directions: maps activations of shape ``(..., d_sae)`` to ``(..., d_in)`` through
             the decoder *without* the decoder bias (the residual already contains it).
@@ -35,6 +37,7 @@ class AuxLossInputs:
     hidden_pre: torch.Tensor
     feature_acts: torch.Tensor
     dead_mask: torch.Tensor
+    underused_mask: torch.Tensor
     k_aux: int
     decode_directions: Callable[[torch.Tensor], torch.Tensor]
 
@@ -88,13 +91,33 @@ def auxk_loss(inputs: AuxLossInputs) -> torch.Tensor:
     so the paper's coefficient 1/32 means the same thing at any activation scale and any
     point in training. Returns 0 when no latent is dead or the residual has no variance.
     """
-    n_dead = int(inputs.dead_mask.sum())
-    if n_dead == 0:
+    return masked_residual_loss(inputs, inputs.dead_mask)
+
+
+def zipf_loss(inputs: AuxLossInputs) -> torch.Tensor:
+    """``aux_zipf_loss``: AuxK generalised from dead latents to under-used ones.
+
+    Our definition (the Feature Choice paper's formula is not public): rank latents by their
+    running firing rate, most frequent first; the Zipf target for rank ``r`` is
+    ``t_r = min(1, k · r^-s / Σ_q q^-s)`` (``s = zipf_exponent``), so the targets sum to the
+    average L0 ``k``. A latent is *under-used* when its rate is below ``underused_margin · t_r``;
+    dead latents always are. The loss is exactly AuxK's with the dead set replaced by the
+    under-used set: the top-``k_aux`` under-used latents per token reconstruct the detached
+    residual without decoder bias, normalised by the residual's variance. With no under-used
+    live latent it equals AuxK, so it revives dead latents and also feeds rarely-firing ones.
+    """
+    return masked_residual_loss(inputs, inputs.underused_mask)
+
+
+def masked_residual_loss(inputs: AuxLossInputs, mask: torch.Tensor) -> torch.Tensor:
+    """The shared AuxK computation over the latents in ``mask`` (see :func:`auxk_loss`)."""
+    n_candidates = int(mask.sum())
+    if n_candidates == 0:
         return inputs.sae_out.new_zeros(())
-    k_aux = min(inputs.k_aux, n_dead)
+    k_aux = min(inputs.k_aux, n_candidates)
     residual = (inputs.sae_in - inputs.sae_out).detach()
-    dead_pre = torch.where(inputs.dead_mask, inputs.hidden_pre, -torch.inf)
-    top = dead_pre.topk(k_aux, dim=-1, sorted=False)
+    candidate_pre = torch.where(mask, inputs.hidden_pre, -torch.inf)
+    top = candidate_pre.topk(k_aux, dim=-1, sorted=False)
     aux_acts = torch.zeros_like(inputs.hidden_pre).scatter(-1, top.indices, top.values.relu())
     aux_recon = inputs.decode_directions(aux_acts)
     flat_residual = residual.reshape(-1, residual.shape[-1])
@@ -104,3 +127,4 @@ def auxk_loss(inputs: AuxLossInputs) -> torch.Tensor:
 
 
 register_aux_loss("auxk", auxk_loss)
+register_aux_loss("zipf", zipf_loss)

@@ -10,7 +10,8 @@ computed once, with the *final* weights, on tokens the training did not see:
 - ``"l0"``: one global θ such that the mean inference L0 on the calibration tokens equals the
   target (the target-quantile of all pre-activations).
 - ``"per_latent"``: one θ per latent, chosen so that each latent fires at inference as often as
-  it fires under batch top-k on the same tokens, scaled so the total mean L0 is the target.
+  it fires under the training rule (batch top-k, or Feature Choice for a ``feature_choice``
+  training SAE) on the same tokens, scaled so the total mean L0 is the target.
   A latent that never fired gets a finite threshold above everything it produced.
 
 Streaming and memory: pre-activations are never stored. Each batch is encoded in chunks and
@@ -40,6 +41,7 @@ from sae_lens_batchtopk.saes.calibrated_batchtopk_sae import (
     CalibratedBatchTopKTrainingSAE,
     recorded_k,
 )
+from sae_lens_batchtopk.saes.feature_choice_sae import FeatureChoiceTrainingSAE
 from sae_lens_batchtopk.selection import n_selected
 
 CalibrationMethod = Literal["paper", "l0", "per_latent"]
@@ -99,6 +101,8 @@ class _Target:
     k: float
     d_sae: int
     set_thresholds: Callable[[torch.Tensor], None]
+    # Feature Choice's per-latent capacities for a batch of n tokens; None means batch top-k.
+    capacities: Callable[[int], torch.Tensor] | None = None
 
 
 def calibrate_thresholds(
@@ -198,6 +202,7 @@ def _target_for(sae: SAE[Any], k: float | None) -> _Target:
             k=k if k is not None else sae.cfg.k,
             d_sae=sae.cfg.d_sae,
             set_thresholds=sae.set_thresholds,
+            capacities=sae.capacities if isinstance(sae, FeatureChoiceTrainingSAE) else None,
         )
     if isinstance(sae, CalibratedBatchTopKSAE):
         return _Target(
@@ -297,24 +302,57 @@ class _Statistics:
         return self.n_selected / max(self.n_tokens, 1)
 
     def add_batch(self, batch: torch.Tensor, target: _Target, chunk_tokens: int) -> None:
-        """Batch top-k threshold first (chunked top-m merge), then histogram every chunk."""
-        m = min(n_selected(target.k, batch.shape[0]), batch.shape[0] * self.d_sae)
+        """The training rule's selection threshold(s) first, then histogram every chunk."""
         chunks = batch.split(chunk_tokens)
+        if target.capacities is None:
+            theta = self._batch_topk_theta(chunks, target, batch.shape[0])
+        else:
+            theta = self._feature_choice_thetas(chunks, target, target.capacities(batch.shape[0]))
+        selected_minimum = theta[torch.isfinite(theta) & (theta > 0)]
+        batch_theta = float(selected_minimum.min()) if selected_minimum.numel() else math.inf
+        if math.isfinite(batch_theta):
+            self.batch_theta_sum += batch_theta
+            self.n_batches_with_fires += 1
+        if self.per_latent and self.latent_hist is None and math.isfinite(batch_theta):
+            self._init_latent_hist(batch_theta)
+        for chunk in chunks:
+            self._add_chunk(target.pre_activations(chunk).float().cpu(), theta)
+        self.n_tokens += batch.shape[0]
+
+    def _batch_topk_theta(
+        self, chunks: tuple[torch.Tensor, ...], target: _Target, n_tokens: int
+    ) -> torch.Tensor:
+        """The batch's smallest selected value (chunked top-m merge), as a 1-element tensor."""
+        m = min(n_selected(target.k, n_tokens), n_tokens * self.d_sae)
         top = torch.empty(0)
         for chunk in chunks:
             relu = target.pre_activations(chunk).relu().flatten().float().cpu()
             top = torch.cat([top, relu.topk(min(m, relu.numel()), sorted=False).values])
             top = top.topk(min(m, top.numel()), sorted=False).values
         positives = top[top > 0]
-        batch_theta = float(positives.min()) if positives.numel() else math.inf
-        if positives.numel():
-            self.batch_theta_sum += batch_theta
-            self.n_batches_with_fires += 1
-        if self.per_latent and self.latent_hist is None and math.isfinite(batch_theta):
-            self._init_latent_hist(batch_theta)
+        return positives.min().reshape(1) if positives.numel() else torch.full((1,), math.inf)
+
+    def _feature_choice_thetas(
+        self, chunks: tuple[torch.Tensor, ...], target: _Target, capacities: torch.Tensor
+    ) -> torch.Tensor:
+        """Each latent's smallest selected value under Feature Choice (chunked per-column merge).
+
+        ``inf`` for a latent with no capacity or no positive value in the batch.
+        """
+        m_max = int(capacities.max())
+        top = torch.empty(0, self.d_sae)
         for chunk in chunks:
-            self._add_chunk(target.pre_activations(chunk).float().cpu(), batch_theta)
-        self.n_tokens += batch.shape[0]
+            relu = target.pre_activations(chunk).relu().float().cpu()
+            top = torch.cat([top, relu.topk(min(m_max, relu.shape[0]), dim=0).values])
+            top = top.topk(min(m_max, top.shape[0]), dim=0).values
+        if top.shape[0] == 0:
+            return torch.full((self.d_sae,), math.inf)
+        last_kept = (capacities - 1).clamp(min=0, max=top.shape[0] - 1)
+        theta = top.gather(0, last_kept[None]).squeeze(0)
+        # Fewer positives than capacity: every positive value was kept.
+        positive = torch.where(top > 0, top, math.inf).min(0).values
+        theta = torch.where(theta > 0, theta, positive)
+        return torch.where(capacities > 0, theta, math.inf)
 
     def _init_latent_hist(self, reference_theta: float) -> None:
         reference_key = int(_float_bits(torch.tensor(reference_theta))) >> _LATENT_SHIFT
@@ -322,10 +360,11 @@ class _Statistics:
         # bin 0: positive values below the range; bin B+1: above it.
         self.latent_hist = torch.zeros(self.d_sae, _LATENT_BINS + 2, dtype=torch.int32)
 
-    def _add_chunk(self, pre: torch.Tensor, batch_theta: float) -> None:
+    def _add_chunk(self, pre: torch.Tensor, theta: torch.Tensor) -> None:
         self.max_pre = torch.maximum(self.max_pre, pre.max(0).values)
-        self.topk_counts += (pre >= batch_theta).sum(0)
-        self.n_selected += int((pre >= batch_theta).sum())
+        selected = (pre >= theta) & (pre > 0)
+        self.topk_counts += selected.sum(0)
+        self.n_selected += int(selected.sum())
         positive = pre > 0
         values = pre[positive]
         bits = _float_bits(values)

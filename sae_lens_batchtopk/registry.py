@@ -25,33 +25,32 @@ def _owned_by_us(entry: tuple[type[Any], type[Any]]) -> bool:
 
 def register_architecture(
     name: str,
-    sae_class: type[Any],
-    config_class: type[Any],
-    training_class: type[Any] | None = None,
-    training_config_class: type[Any] | None = None,
+    *,
+    inference: tuple[type[Any], type[Any]] | None = None,
+    training: tuple[type[Any], type[Any]] | None = None,
 ) -> None:
-    """Register inference (and optionally training) classes under ``name``, once.
+    """Register ``(class, config class)`` pairs under ``name``, once.
 
-    A name already registered by this package is left alone; a name owned by anyone else
-    is an error rather than a silent override.
+    ``inference`` goes to SAELens's inference registry, ``training`` to its training registry;
+    a training-only architecture (one that exports to another architecture's inference form)
+    passes ``training`` alone. A name already registered by this package is left alone; a name
+    owned by anyone else is an error rather than a silent override, raised before anything is
+    written so a refusal leaves both registries untouched.
     """
-    tables: list[tuple[dict[str, Any], Any, type[Any] | None, type[Any] | None]] = [
-        (SAE_CLASS_REGISTRY, register_sae_class, sae_class, config_class),
-        (
-            SAE_TRAINING_CLASS_REGISTRY,
-            register_sae_training_class,
-            training_class,
-            training_config_class,
-        ),
+    pending = [
+        (table, register, entry)
+        for table, register, entry in (
+            (SAE_CLASS_REGISTRY, register_sae_class, inference),
+            (SAE_TRAINING_CLASS_REGISTRY, register_sae_training_class, training),
+        )
+        if entry is not None
     ]
-    pending = [entry for entry in tables if entry[2] is not None and entry[3] is not None]
-    # Check every table before writing any, so a refusal leaves both registries untouched.
-    for table, _, _, _ in pending:
+    for table, _, _ in pending:
         if name in table and not _owned_by_us(table[name]):
             raise ValueError(
                 f"SAE architecture {name!r} is already registered by "
                 f"{table[name][0].__module__}; {_PACKAGE} will not replace it"
             )
-    for table, register, cls, cfg_cls in pending:
+    for table, register, (cls, cfg_cls) in pending:
         if name not in table:
             register(name, cls, cfg_cls)

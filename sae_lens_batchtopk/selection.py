@@ -54,3 +54,57 @@ def min_positive(acts: torch.Tensor) -> torch.Tensor:
     Returning ``inf`` rather than ``None`` keeps callers free of host synchronisation.
     """
     return torch.where(acts > 0, acts, torch.inf).min()
+
+
+def feature_choice(hidden_pre: torch.Tensor, capacities: torch.Tensor) -> torch.Tensor:
+    """Feature Choice (Ayonrinde 2024): latent ``j`` keeps its own top-``capacities[j]`` tokens.
+
+    The allocation is transposed relative to TopK: capacity is per latent, so a token gets as
+    many latents as chose it. Only positive (relu'd) activations count as chosen; a latent with
+    fewer positive tokens than its capacity keeps all of them. Works over all leading dims.
+    """
+    acts = hidden_pre.relu()
+    flat = acts.reshape(-1, acts.shape[-1])
+    m_max = min(int(capacities.max()), flat.shape[0]) if capacities.numel() else 0
+    if m_max == 0:
+        return torch.zeros_like(acts)
+    top = flat.topk(m_max, dim=0)  # (m_max, d_sae), sorted descending per latent
+    rank = torch.arange(m_max, device=flat.device)[:, None]
+    keep = rank < capacities.to(flat.device)[None, :]
+    values = torch.where(keep, top.values, torch.zeros((), dtype=flat.dtype, device=flat.device))
+    return torch.zeros_like(flat).scatter(0, top.indices, values).view_as(acts)
+
+
+def zipf_weights(d_sae: int, exponent: float) -> torch.Tensor:
+    """Zipf-law shares ``r^-s / Σ r^-s`` for ranks ``r = 1..d_sae`` (rank 1 first)."""
+    ranks = torch.arange(1, d_sae + 1, dtype=torch.float64)
+    weights = ranks.pow(-exponent)
+    return weights / weights.sum()
+
+
+def latent_capacities(
+    k: float, n_tokens: int, d_sae: int, *, zipf_exponent: float | None, rank_order: torch.Tensor
+) -> torch.Tensor:
+    """Per-latent token capacities summing to ``int(k * n_tokens)``.
+
+    Uniform when ``zipf_exponent`` is None (every latent gets ``k * n / d_sae``, the remainder
+    spread one each over the first latents in ``rank_order``); otherwise Zipf-distributed over
+    ``rank_order`` (latent ids, most frequent first). Largest-remainder rounding keeps the total
+    exact; no capacity exceeds ``n_tokens``.
+    """
+    total = n_selected(k, n_tokens)
+    if zipf_exponent is None:
+        shares = torch.full((d_sae,), 1.0 / d_sae, dtype=torch.float64)
+    else:
+        shares = zipf_weights(d_sae, zipf_exponent)
+    exact = (shares * total).clamp(max=n_tokens)
+    by_rank = exact.floor().long()
+    remainder = total - int(by_rank.sum())
+    if remainder > 0:
+        order = torch.argsort(exact - by_rank, descending=True, stable=True)
+        room = by_rank[order] < n_tokens
+        bump = order[room][:remainder]
+        by_rank[bump] += 1
+    capacities = torch.empty(d_sae, dtype=torch.long)
+    capacities[rank_order.cpu()] = by_rank
+    return capacities

@@ -58,23 +58,21 @@ def test_import_twice_is_harmless() -> None:
     importlib.reload(sae_lens_batchtopk)
     register_architecture(
         "calibrated_batchtopk",
-        CalibratedBatchTopKSAE,
-        CalibratedBatchTopKSAEConfig,
-        CalibratedBatchTopKTrainingSAE,
-        CalibratedBatchTopKTrainingSAEConfig,
+        inference=(CalibratedBatchTopKSAE, CalibratedBatchTopKSAEConfig),
+        training=(CalibratedBatchTopKTrainingSAE, CalibratedBatchTopKTrainingSAEConfig),
     )
 
 
 def test_refuses_to_replace_builtin() -> None:
     with pytest.raises(ValueError, match="'jumprelu' is already registered by sae_lens"):
-        register_architecture("jumprelu", CalibratedBatchTopKSAE, CalibratedBatchTopKSAEConfig)
+        register_architecture(
+            "jumprelu", inference=(CalibratedBatchTopKSAE, CalibratedBatchTopKSAEConfig)
+        )
     with pytest.raises(ValueError, match="'batchtopk' is already registered by sae_lens"):
         register_architecture(
             "batchtopk",
-            CalibratedBatchTopKSAE,
-            CalibratedBatchTopKSAEConfig,
-            CalibratedBatchTopKTrainingSAE,
-            CalibratedBatchTopKTrainingSAEConfig,
+            inference=(CalibratedBatchTopKSAE, CalibratedBatchTopKSAEConfig),
+            training=(CalibratedBatchTopKTrainingSAE, CalibratedBatchTopKTrainingSAEConfig),
         )
     assert "batchtopk" not in SAE_CLASS_REGISTRY
 

@@ -11,7 +11,7 @@ from sae_lens_batchtopk import (
     register_aux_loss,
     registered_aux_losses,
 )
-from sae_lens_batchtopk.aux_losses import AuxLossInputs, auxk_loss, get_aux_loss
+from sae_lens_batchtopk.aux_losses import AuxLossInputs, auxk_loss, get_aux_loss, zipf_loss
 
 W_DEC = torch.tensor([[1.0, 0.0], [0.0, 1.0], [1.0, 1.0]])
 
@@ -24,6 +24,7 @@ def hand_inputs(sae_out: torch.Tensor, hidden_pre: torch.Tensor) -> AuxLossInput
         hidden_pre=hidden_pre,
         feature_acts=torch.zeros_like(hidden_pre),
         dead_mask=torch.tensor([False, True, True]),
+        underused_mask=torch.tensor([False, True, True]),
         k_aux=1,
         decode_directions=lambda acts: acts @ W_DEC,
     )
@@ -88,8 +89,44 @@ def test_auxk_in_sae_touches_only_dead_decoder_rows_and_no_bias() -> None:
     assert sae.W_dec.grad[dead].abs().sum() > 0
 
 
+def test_zipf_uses_underused_latents_hand_computation() -> None:
+    # Latent 0 is live but under-used, latent 1 dead, latent 2 healthy: with k_aux = 1,
+    # token 0 picks latent 0 (5.0) -> ê = [5, 0]; token 1 picks latent 1 (-1 -> relu 0) -> ê = 0.
+    # Residual e = [[1, 1], [2, 4]]: errors 16 + 1 = 17 and 4 + 16 = 20, mean 18.5; variance 2.5.
+    hidden_pre = torch.tensor([[5.0, 2.0, 1.0], [-3.0, -1.0, 3.0]])
+    inputs = hand_inputs(torch.zeros(2, 2), hidden_pre)
+    inputs = AuxLossInputs(
+        **{**inputs.__dict__, "underused_mask": torch.tensor([True, True, False])}
+    )
+    assert zipf_loss(inputs).item() == pytest.approx(18.5 / 2.5)
+    assert auxk_loss(inputs).item() == pytest.approx(0.8)  # AuxK still sees only dead ones
+
+
+def test_underused_mask_follows_zipf_targets() -> None:
+    cfg = CalibratedBatchTopKTrainingSAEConfig(
+        d_in=4, d_sae=4, k=1, zipf_exponent=1.0, underused_margin=0.5
+    )
+    sae = CalibratedBatchTopKTrainingSAE(cfg)
+    # Zipf targets for ranks 1..4 with k = 1: 0.48, 0.24, 0.16, 0.12 (shares of 1/H_4).
+    sae.firing_rate.copy_(torch.tensor([0.05, 0.5, 0.2, 0.0]))
+    # ranks: latent 1 (0.5 vs 0.48), latent 2 (0.2 vs 0.24), latent 0 (0.05 vs 0.16 -> under),
+    # latent 3 (dead -> under)
+    assert sae.underused_mask.tolist() == [True, False, False, True]
+
+
+def test_firing_rate_is_running_mean_then_windowed() -> None:
+    cfg = CalibratedBatchTopKTrainingSAEConfig(d_in=4, d_sae=2, k=1, dead_tokens_window=8)
+    sae = CalibratedBatchTopKTrainingSAE(cfg)
+    on, off = torch.tensor([[1.0, 0.0]] * 4), torch.tensor([[0.0, 1.0]] * 4)
+    sae._update_training_state(on)
+    sae._update_training_state(off)
+    assert torch.allclose(sae.firing_rate, torch.tensor([0.5, 0.5]))  # mean of 8 tokens
+    sae._update_training_state(off)  # window full: weight 4/8
+    assert torch.allclose(sae.firing_rate, torch.tensor([0.25, 0.75]))
+
+
 def test_registry_lists_builtins_and_rejects_duplicates() -> None:
-    assert "auxk" in registered_aux_losses()
+    assert {"auxk", "zipf"} <= set(registered_aux_losses())
     with pytest.raises(ValueError, match="already registered"):
         register_aux_loss("auxk", auxk_loss)
 

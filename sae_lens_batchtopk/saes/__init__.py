@@ -6,10 +6,16 @@ from sae_lens_batchtopk.saes.calibrated_batchtopk_sae import (
     CalibratedBatchTopKTrainingSAE,
     CalibratedBatchTopKTrainingSAEConfig,
 )
+from sae_lens_batchtopk.saes.feature_choice_sae import (
+    FeatureChoiceTrainingSAE,
+    FeatureChoiceTrainingSAEConfig,
+)
 
 __all__ = [
     "CalibratedBatchTopKSAE",
     "CalibratedBatchTopKSAEConfig",
     "CalibratedBatchTopKTrainingSAE",
     "CalibratedBatchTopKTrainingSAEConfig",
+    "FeatureChoiceTrainingSAE",
+    "FeatureChoiceTrainingSAEConfig",
 ]

@@ -42,7 +42,12 @@ from torch import nn
 from typing_extensions import override
 
 from sae_lens_batchtopk.aux_losses import AuxLossInputs, get_aux_loss
-from sae_lens_batchtopk.selection import batch_topk, min_positive, threshold_activation
+from sae_lens_batchtopk.selection import (
+    batch_topk,
+    min_positive,
+    threshold_activation,
+    zipf_weights,
+)
 
 ARCHITECTURE = "calibrated_batchtopk"
 
@@ -268,6 +273,10 @@ class CalibratedBatchTopKTrainingSAEConfig(_CalibratedBatchTopKConfigRules, Trai
         aux_k: dead latents per token AuxK may use; ``None`` means ``d_in // 2``.
         dead_tokens_window: a latent is dead after not firing for this many training tokens
             (Gao et al.: 10M). Counted in tokens, kept in the SAE state, so checkpoints resume it.
+        zipf_exponent: exponent ``s`` of the Zipf law ``r^-s`` that defines under-used latents
+            (and Feature Choice's Zipf capacities).
+        underused_margin: a latent is under-used when it fires less than this fraction of the
+            Zipf target for its frequency rank (see ``aux_losses.zipf_loss``).
         theta_ema_rate: rate of the running θ estimate (EMA of each batch's minimum selected
             activation, started at the first batch's value rather than at 0).
         calibration_method: how the runner calibrates thresholds after training: ``"l0"``,
@@ -283,6 +292,8 @@ class CalibratedBatchTopKTrainingSAEConfig(_CalibratedBatchTopKConfigRules, Trai
     aux_loss_warm_up_steps: int = 0
     aux_k: int | None = None
     dead_tokens_window: int = 10_000_000
+    zipf_exponent: float = 1.0
+    underused_margin: float = 0.5
     theta_ema_rate: float = 0.01
     calibration_method: str = "l0"
     calibration_target_l0: float | None = None
@@ -309,6 +320,10 @@ class CalibratedBatchTopKTrainingSAEConfig(_CalibratedBatchTopKConfigRules, Trai
         if self.aux_k is not None:
             _check_positive_int("aux_k", self.aux_k)
         _check_positive_int("dead_tokens_window", self.dead_tokens_window)
+        if not (isinstance(self.zipf_exponent, (int, float)) and self.zipf_exponent >= 0):
+            raise ValueError(f"zipf_exponent must be >= 0, got {self.zipf_exponent!r}")
+        if not (isinstance(self.underused_margin, (int, float)) and self.underused_margin >= 0):
+            raise ValueError(f"underused_margin must be >= 0, got {self.underused_margin!r}")
         if not 0 < self.theta_ema_rate <= 1:
             raise ValueError(f"theta_ema_rate must be in (0, 1], got {self.theta_ema_rate}")
 
@@ -344,6 +359,8 @@ class CalibratedBatchTopKTrainingSAE(TopKTrainingSAE):
 
     - ``running_theta``: EMA of the per-batch minimum selected activation (the paper's θ);
     - ``tokens_since_fired``: per latent, training tokens since it last fired (int64);
+    - ``firing_rate``: per latent, fraction of training tokens it fired on, a running mean
+      over the last ``dead_tokens_window`` tokens (``tokens_seen`` counts up to that window);
     - ``threshold``: calibrated per-latent thresholds, NaN until calibration sets them.
 
     ``encode`` uses batch top-k (the training rule); the exported inference SAE uses the
@@ -353,6 +370,8 @@ class CalibratedBatchTopKTrainingSAE(TopKTrainingSAE):
     cfg: CalibratedBatchTopKTrainingSAEConfig  # type: ignore[assignment]
     running_theta: torch.Tensor
     tokens_since_fired: torch.Tensor
+    firing_rate: torch.Tensor
+    tokens_seen: torch.Tensor
     threshold: torch.Tensor
 
     def __init__(self, cfg: CalibratedBatchTopKTrainingSAEConfig, use_error_term: bool = False):
@@ -362,6 +381,10 @@ class CalibratedBatchTopKTrainingSAE(TopKTrainingSAE):
         self.register_buffer(
             "tokens_since_fired", torch.zeros(cfg.d_sae, dtype=torch.long, device=device)
         )
+        self.register_buffer(
+            "firing_rate", torch.zeros(cfg.d_sae, dtype=torch.float32, device=device)
+        )
+        self.register_buffer("tokens_seen", torch.zeros((), dtype=torch.long, device=device))
         self.register_buffer(
             "threshold", torch.full((cfg.d_sae,), torch.nan, dtype=self.dtype, device=device)
         )
@@ -383,6 +406,17 @@ class CalibratedBatchTopKTrainingSAE(TopKTrainingSAE):
         return self.tokens_since_fired >= self.cfg.dead_tokens_window
 
     @property
+    def underused_mask(self) -> torch.Tensor:
+        """Latents firing below ``underused_margin`` x the Zipf target for their rank."""
+        targets_by_rank = (self.cfg.k * zipf_weights(self.cfg.d_sae, self.cfg.zipf_exponent)).clamp(
+            max=1.0
+        )
+        order = torch.argsort(self.firing_rate, descending=True, stable=True)
+        target = torch.empty_like(self.firing_rate)
+        target[order] = targets_by_rank.to(target)
+        return self.firing_rate < self.cfg.underused_margin * target
+
+    @property
     def is_calibrated(self) -> bool:
         return bool(torch.isfinite(self.threshold).all())
 
@@ -402,6 +436,7 @@ class CalibratedBatchTopKTrainingSAE(TopKTrainingSAE):
             hidden_pre=hidden_pre,
             feature_acts=feature_acts,
             dead_mask=self.dead_mask,
+            underused_mask=self.underused_mask,
             k_aux=self.cfg.resolved_aux_k,
             decode_directions=self.decode_directions,
         )
@@ -421,6 +456,7 @@ class CalibratedBatchTopKTrainingSAE(TopKTrainingSAE):
         self._update_training_state(output.feature_acts)
         output.metrics["running_theta"] = self.running_theta.detach()
         output.metrics["dead_latent_fraction"] = self.dead_mask.float().mean()
+        output.metrics["underused_latent_fraction"] = self.underused_mask.float().mean()
         return output
 
     @torch.no_grad()
@@ -431,6 +467,10 @@ class CalibratedBatchTopKTrainingSAE(TopKTrainingSAE):
         window = self.cfg.dead_tokens_window
         advanced = (self.tokens_since_fired + flat.shape[0]).clamp_(max=window)
         self.tokens_since_fired.copy_(torch.where(fired, 0, advanced))
+        # Running mean over the first window, then an EMA with the window as its horizon.
+        self.tokens_seen.copy_((self.tokens_seen + flat.shape[0]).clamp(max=window))
+        weight = flat.shape[0] / self.tokens_seen.float()
+        self.firing_rate.lerp_((flat > 0).float().mean(0), weight)
 
         batch_theta = min_positive(flat).to(self.running_theta.dtype)
         rate = self.cfg.theta_ema_rate
@@ -463,13 +503,18 @@ class CalibratedBatchTopKTrainingSAE(TopKTrainingSAE):
 
     @override
     def process_state_dict_for_loading(self, state_dict: dict[str, Any]) -> None:
-        # SAELens's disk loaders cast every tensor to the config dtype; counters are integers.
-        if "tokens_since_fired" in state_dict:
-            state_dict["tokens_since_fired"] = state_dict["tokens_since_fired"].round().long()
+        # SAELens's disk loaders cast every tensor to the config dtype; restore the counters'
+        # integer type and the rate's float32 (a bf16 config must not quantise them).
+        for name in ("tokens_since_fired", "tokens_seen"):
+            if name in state_dict:
+                state_dict[name] = state_dict[name].round().long()
+        if "firing_rate" in state_dict:
+            state_dict["firing_rate"] = state_dict["firing_rate"].float()
 
     @override
     def process_state_dict_for_saving_inference(self, state_dict: dict[str, Any]) -> None:
         super().process_state_dict_for_saving_inference(state_dict)
-        for name in ("running_theta", "tokens_since_fired", "threshold"):
+        for name in ("running_theta", "tokens_since_fired", "firing_rate", "tokens_seen"):
             state_dict.pop(name)
+        state_dict.pop("threshold")
         state_dict["threshold"] = self.inference_thresholds().to(self.dtype)
