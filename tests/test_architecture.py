@@ -91,6 +91,7 @@ def test_refuses_to_replace_builtin() -> None:
         ({"aux_k": 2.5}, TypeError, "aux_k must be an integer"),
         ({"dead_tokens_window": 0}, ValueError, "dead_tokens_window must be > 0"),
         ({"theta_ema_rate": 0.0}, ValueError, "theta_ema_rate"),
+        ({"b_dec_init": "median"}, ValueError, "b_dec_init must be"),
         ({"calibration_method": "median"}, ValueError, "calibration_method must be one of"),
         ({"calibration_target_l0": 64}, ValueError, r"k must be <= d_sae"),
         ({"aux_losses": ["auxk"]}, TypeError, "aux_losses must map"),
@@ -263,3 +264,37 @@ def test_training_load_from_disk_restores_state(tmp_path: Path) -> None:
     for name in ("running_theta", "tokens_since_fired", "threshold", "W_enc"):
         assert torch.equal(getattr(loaded, name), getattr(sae, name)), name
     assert loaded.tokens_since_fired.dtype == torch.long
+
+
+def test_b_dec_starts_at_first_batch_mean_once(tmp_path: Path) -> None:
+    from sae_lens.saes.sae import TrainStepInput
+
+    def step(sae: CalibratedBatchTopKTrainingSAE, x: torch.Tensor) -> None:
+        sae.training_forward_pass(
+            TrainStepInput(
+                sae_in=x,
+                coefficients={"auxk": 1 / 32},
+                dead_neuron_mask=None,
+                n_training_steps=0,
+                is_logging_step=False,
+            )
+        )
+
+    cfg = CalibratedBatchTopKTrainingSAEConfig(d_in=8, d_sae=32, k=2)
+    sae = CalibratedBatchTopKTrainingSAE(cfg)
+    first = torch.randn(64, 8) + 5.0
+    step(sae, first)
+    assert torch.allclose(sae.b_dec, first.mean(0))
+    step(sae, torch.randn(64, 8) - 5.0)
+    assert torch.allclose(sae.b_dec, first.mean(0))  # only the first batch ever
+
+    sae.save_model(tmp_path)
+    resumed = TrainingSAE.load_from_disk(tmp_path)
+    step(resumed, torch.randn(64, 8) - 5.0)
+    assert torch.allclose(resumed.b_dec, first.mean(0))  # a resume does not re-initialise
+
+    zeros = CalibratedBatchTopKTrainingSAE(
+        CalibratedBatchTopKTrainingSAEConfig(d_in=8, d_sae=32, k=2, b_dec_init="zeros")
+    )
+    step(zeros, first)
+    assert torch.all(zeros.b_dec == 0)

@@ -264,6 +264,11 @@ class CalibratedBatchTopKTrainingSAEConfig(_CalibratedBatchTopKConfigRules, Trai
     Args:
         k: average latents per token; batch top-k keeps ``int(k * n_tokens)`` per batch.
             A float is allowed.
+        b_dec_init: ``"mean"`` sets the decoder bias to the mean of the first training batch
+            (as the SAE sees it, after activation scaling) before the first step; ``"zeros"``
+            keeps SAELens's zero init. Residual streams have a large mean: from a zero bias,
+            Adam needs thousands of steps to learn it, and meanwhile the few latents aligned
+            with the mean win every selection while the rest die.
         rescale_acts_by_decoder_norm: select on pre-activations times the decoder row norms,
             as SAELens's TopK does, so decoder-norm drift cannot change the selection; folded
             into the weights at export.
@@ -286,6 +291,7 @@ class CalibratedBatchTopKTrainingSAEConfig(_CalibratedBatchTopKConfigRules, Trai
     """
 
     k: float = 32.0
+    b_dec_init: str = "mean"
     rescale_acts_by_decoder_norm: bool = True
     # dict_field builds a fresh dict per instance and parses JSON on SAELens's CLI.
     aux_losses: dict[str, float] = dict_field(default={"auxk": 1 / 32})  # noqa: RUF009
@@ -301,6 +307,7 @@ class CalibratedBatchTopKTrainingSAEConfig(_CalibratedBatchTopKConfigRules, Trai
 
     def __post_init__(self) -> None:
         super().__post_init__()
+        self._check_init_fields()
         self._check_aux_fields()
         self._check_calibration_fields()
 
@@ -326,6 +333,10 @@ class CalibratedBatchTopKTrainingSAEConfig(_CalibratedBatchTopKConfigRules, Trai
             raise ValueError(f"underused_margin must be >= 0, got {self.underused_margin!r}")
         if not 0 < self.theta_ema_rate <= 1:
             raise ValueError(f"theta_ema_rate must be in (0, 1], got {self.theta_ema_rate}")
+
+    def _check_init_fields(self) -> None:
+        if self.b_dec_init not in ("mean", "zeros"):
+            raise ValueError(f"b_dec_init must be 'mean' or 'zeros', got {self.b_dec_init!r}")
 
     def _check_calibration_fields(self) -> None:
         methods = ("l0", "per_latent", "paper", "none")
@@ -385,6 +396,9 @@ class CalibratedBatchTopKTrainingSAE(TopKTrainingSAE):
             "firing_rate", torch.zeros(cfg.d_sae, dtype=torch.float32, device=device)
         )
         self.register_buffer("tokens_seen", torch.zeros((), dtype=torch.long, device=device))
+        # tokens_seen > 0 after a resume, so the first-batch init runs once per SAE, not per
+        # process; this flag only saves re-checking it (a host sync) on every step.
+        self._b_dec_init_checked = False
         self.register_buffer(
             "threshold", torch.full((cfg.d_sae,), torch.nan, dtype=self.dtype, device=device)
         )
@@ -452,12 +466,21 @@ class CalibratedBatchTopKTrainingSAE(TopKTrainingSAE):
 
     @override
     def training_forward_pass(self, step_input: TrainStepInput) -> TrainStepOutput:
+        if not self._b_dec_init_checked:
+            self._init_b_dec(step_input.sae_in)
         output = super().training_forward_pass(step_input)
         self._update_training_state(output.feature_acts)
         output.metrics["running_theta"] = self.running_theta.detach()
         output.metrics["dead_latent_fraction"] = self.dead_mask.float().mean()
         output.metrics["underused_latent_fraction"] = self.underused_mask.float().mean()
         return output
+
+    @torch.no_grad()
+    def _init_b_dec(self, sae_in: torch.Tensor) -> None:
+        """Before the first training step ever (not on resume), b_dec <- the batch mean."""
+        self._b_dec_init_checked = True
+        if self.cfg.b_dec_init == "mean" and int(self.tokens_seen) == 0:
+            self.b_dec.copy_(sae_in.reshape(-1, sae_in.shape[-1]).mean(0))
 
     @torch.no_grad()
     def _update_training_state(self, feature_acts: torch.Tensor) -> None:
