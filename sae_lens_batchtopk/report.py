@@ -1,0 +1,286 @@
+"""Evaluation report of a trained SAE: ``metrics.json``, ``report.md`` and PNG plots.
+
+A run is only useful if one can see, in the output folder itself, whether the SAE preserves
+the model (SAELens's CE-loss and KL scores, run with the full model), whether the inference L0
+is the ``k`` that was asked for, how many latents died, and how training went. Every file is
+written to a temporary name and renamed into place, so a crash never leaves a half-written
+report next to a valid SAE.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import tempfile
+from collections.abc import Callable, Sequence
+from dataclasses import fields
+from pathlib import Path
+from typing import Any
+
+import matplotlib
+
+matplotlib.use("Agg")
+
+import matplotlib.pyplot as plt
+import torch
+from matplotlib.figure import Figure
+from sae_lens.evals import EvalConfig, run_evals
+from sae_lens.saes.sae import SAE
+from sae_lens.training.activation_scaler import ActivationScaler
+from sae_lens.training.activations_store import ActivationsStore
+from transformer_lens.hook_points import HookedRootModule
+
+from sae_lens_batchtopk.calibration import CalibrationResult, format_calibration_report
+from sae_lens_batchtopk.evaluation import reconstruction_stats
+from sae_lens_batchtopk.saes.calibrated_batchtopk_sae import CalibratedBatchTopKSAE
+
+METRICS_FILE = "metrics.json"
+REPORT_FILE = "report.md"
+CURVES_FILE = "training_curves.json"
+L0_PLOT = "l0_per_token.png"
+DENSITY_PLOT = "latent_density.png"
+CURVES_PLOT = "training_curves.png"
+
+# Curves plotted when present, with their axis labels.
+_CURVE_PANELS = {
+    "mse_loss": "MSE loss",
+    "auxk_loss": "AuxK loss",
+    "l0": "L0 (batch top-k)",
+    "running_theta": "running θ",
+    "dead_latent_fraction": "dead latent fraction",
+}
+
+
+def write_atomically(path: Path, write: Callable[[Path], None]) -> None:
+    """Run ``write(temporary_path)`` next to ``path``, then rename it onto ``path``."""
+    descriptor, temporary = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
+    os.close(descriptor)
+    try:
+        write(Path(temporary))
+        os.replace(temporary, path)
+    finally:
+        if os.path.exists(temporary):
+            os.remove(temporary)
+
+
+def write_json(path: Path, data: Any) -> None:
+    write_atomically(path, lambda tmp: tmp.write_text(json.dumps(data, indent=2) + "\n"))
+
+
+def _save_figure(path: Path, figure: Figure) -> None:
+    write_atomically(path, lambda tmp: figure.savefig(tmp, format="png", dpi=110))
+    plt.close(figure)
+
+
+@torch.no_grad()
+def per_token_l0(sae: SAE[Any], batches: Sequence[torch.Tensor]) -> torch.Tensor:
+    """Latents firing per token, token by token (the adaptive-allocation histogram's data)."""
+    counts = [(sae.encode(batch.to(sae.device, sae.dtype)) != 0).sum(-1).cpu() for batch in batches]
+    return torch.cat(counts)
+
+
+def evaluate(
+    sae: SAE[Any],
+    model: HookedRootModule,
+    eval_store: ActivationsStore,
+    heldout_batches: Sequence[torch.Tensor],
+    *,
+    ce_eval_batches: int,
+    exclude_special_tokens: bool | list[int],
+) -> tuple[dict[str, Any], list[float], dict[str, torch.Tensor]]:
+    """Metrics, per-latent firing densities and per-token L0 of ``sae``.
+
+    ``run_evals`` splices the SAE into the full model (CE loss, KL) on ``ce_eval_batches``
+    batches of the eval store and measures sparsity and variance on as many tokens as
+    ``heldout_batches`` hold; ``reconstruction_stats`` then compares threshold mode with the
+    training rule (batch top-k) on exactly the held-out batches.
+    """
+    calibrated = CalibratedBatchTopKSAE.from_sae(sae)
+    k = calibrated.cfg.k
+    n_heldout = sum(batch.shape[0] for batch in heldout_batches)
+    tokens_per_eval_batch = eval_store.store_batch_size_prompts * eval_store.context_size
+    eval_config = EvalConfig(
+        n_eval_reconstruction_batches=ce_eval_batches,
+        compute_kl=True,
+        compute_ce_loss=True,
+        n_eval_sparsity_variance_batches=max(math.ceil(n_heldout / tokens_per_eval_batch), 1),
+        compute_sparsity_metrics=True,
+        compute_variance_metrics=True,
+        compute_featurewise_density_statistics=True,
+    )
+    sae_lens_metrics, feature_metrics = run_evals(
+        sae,
+        eval_store,
+        model,
+        ActivationScaler(),
+        eval_config,
+        exclude_special_tokens=exclude_special_tokens,
+        verbose=True,
+    )
+    density = [float(value) for value in feature_metrics["feature_density"]]
+    threshold_stats = reconstruction_stats(calibrated, heldout_batches, target_l0=k)
+    with calibrated.batch_topk_mode():
+        batch_topk_stats = reconstruction_stats(calibrated, heldout_batches, target_l0=k)
+        batch_topk_l0 = per_token_l0(calibrated, heldout_batches)
+    metrics = {
+        "architecture": sae.cfg.architecture(),
+        "k": k,
+        "d_sae": sae.cfg.d_sae,
+        "hook_name": sae.cfg.metadata.hook_name,
+        "model_name": sae.cfg.metadata.model_name,
+        "headline": {
+            "ce_loss_score": sae_lens_metrics["model_performance_preservation"]["ce_loss_score"],
+            "kl_div_score": sae_lens_metrics["model_behavior_preservation"]["kl_div_score"],
+            "explained_variance": sae_lens_metrics["reconstruction_quality"]["explained_variance"],
+            "mse": sae_lens_metrics["reconstruction_quality"]["mse"],
+            "l0": sae_lens_metrics["sparsity"]["l0"],
+            "nmse_heldout": threshold_stats["nmse"],
+            "inference_l0_heldout": threshold_stats["l0_mean"],
+            "inference_l0_deviation_from_k": threshold_stats["l0_deviation"],
+            "dead_latent_fraction": sum(d == 0 for d in density) / len(density),
+        },
+        "sae_lens_run_evals": sae_lens_metrics,
+        "heldout": {"threshold": threshold_stats, "batch_topk": batch_topk_stats},
+        "calibration": sae.cfg.metadata.get("calibration"),
+    }
+    per_token = {
+        "threshold": per_token_l0(calibrated, heldout_batches),
+        "batch_topk": batch_topk_l0,
+    }
+    return metrics, density, per_token
+
+
+def write_report(
+    output_dir: Path,
+    sae: SAE[Any],
+    model: HookedRootModule,
+    eval_store: ActivationsStore,
+    heldout_batches: Sequence[torch.Tensor],
+    *,
+    ce_eval_batches: int,
+    exclude_special_tokens: bool | list[int],
+    training_curves: list[dict[str, float]] | None = None,
+) -> dict[str, Any]:
+    """Evaluate ``sae`` and write metrics, plots and the Markdown report into ``output_dir``.
+
+    ``training_curves`` are saved when given; otherwise an existing ``training_curves.json``
+    in the folder (from the training run) is plotted again, so re-evaluating keeps the curves.
+    Returns the metrics written to ``metrics.json``.
+    """
+    metrics, density, per_token = evaluate(
+        sae,
+        model,
+        eval_store,
+        heldout_batches,
+        ce_eval_batches=ce_eval_batches,
+        exclude_special_tokens=exclude_special_tokens,
+    )
+    curves_path = output_dir / CURVES_FILE
+    if training_curves is not None:
+        write_json(curves_path, training_curves)
+    elif curves_path.exists():
+        training_curves = json.loads(curves_path.read_text())
+
+    _save_figure(output_dir / L0_PLOT, l0_histogram(per_token, metrics["k"]))
+    _save_figure(output_dir / DENSITY_PLOT, density_histogram(density))
+    plots = [L0_PLOT, DENSITY_PLOT]
+    if training_curves:
+        _save_figure(output_dir / CURVES_PLOT, training_curve_figure(training_curves))
+        plots.append(CURVES_PLOT)
+    write_json(output_dir / METRICS_FILE, metrics)
+    markdown = report_markdown(metrics, sae, plots)
+    write_atomically(output_dir / REPORT_FILE, lambda tmp: tmp.write_text(markdown))
+    return metrics
+
+
+def l0_histogram(per_token: dict[str, torch.Tensor], k: float) -> Figure:
+    """Per-token L0 in threshold mode and under batch top-k: BatchTopK's adaptive allocation."""
+    figure, axes = plt.subplots(figsize=(6.4, 3.6))
+    top = int(max(int(values.max()) for values in per_token.values())) + 1
+    bins = torch.linspace(0, top, min(top, 80) + 1).tolist()
+    for mode, values in per_token.items():
+        axes.hist(
+            values.numpy(),
+            bins=bins,
+            alpha=0.55,
+            label=f"{mode} (mean {values.float().mean():.1f})",
+        )
+    axes.axvline(k, color="black", linestyle="--", label=f"k = {k:g}")
+    axes.set_xlabel("active latents per token (L0)")
+    axes.set_ylabel("held-out tokens")
+    axes.set_title("Per-token L0 (adaptive allocation)")
+    axes.legend()
+    figure.tight_layout()
+    return figure
+
+
+def density_histogram(density: Sequence[float]) -> Figure:
+    """log10 firing frequency of each latent; latents that never fired are counted apart."""
+    values = torch.tensor(density, dtype=torch.float64)
+    alive = values[values > 0]
+    figure, axes = plt.subplots(figsize=(6.4, 3.6))
+    if alive.numel():
+        axes.hist(alive.log10().numpy(), bins=60)
+    axes.set_xlabel("log10 firing frequency")
+    axes.set_ylabel("latents")
+    axes.set_title(f"Latent density ({values.numel() - alive.numel()} of {values.numel()} dead)")
+    figure.tight_layout()
+    return figure
+
+
+def training_curve_figure(records: list[dict[str, float]]) -> Figure:
+    """One panel per recorded quantity, against training tokens."""
+    panels = [name for name in _CURVE_PANELS if any(name in record for record in records)]
+    figure = plt.figure(figsize=(6.4, 2.0 * len(panels)))
+    axes = figure.subplots(len(panels), 1, sharex=True, squeeze=False)[:, 0]
+    for axis, name in zip(axes, panels, strict=True):
+        points = [(record["tokens"], record[name]) for record in records if name in record]
+        axis.plot([tokens for tokens, _ in points], [value for _, value in points])
+        axis.set_ylabel(_CURVE_PANELS[name])
+        if name == "mse_loss":
+            axis.set_yscale("log")
+    axes[-1].set_xlabel("training tokens")
+    figure.tight_layout()
+    return figure
+
+
+def _calibration_section(sae: SAE[Any]) -> list[str]:
+    calibration = sae.cfg.metadata.get("calibration")
+    if not calibration:
+        return ["No calibration recorded: inference uses the running θ of training."]
+    summary = {
+        f.name: calibration[f.name] for f in fields(CalibrationResult) if f.name != "thresholds"
+    }
+    result = CalibrationResult(**summary, thresholds=sae.threshold.detach().cpu())
+    if "heldout" not in calibration:
+        return [f"Calibration: {json.dumps(summary)}"]
+    return [format_calibration_report(result, calibration["heldout"])]
+
+
+def report_markdown(metrics: dict[str, Any], sae: SAE[Any], plots: Sequence[str]) -> str:
+    """The report: headline numbers, both encode modes on held-out tokens, calibration, plots."""
+    headline = metrics["headline"]
+    lines = [
+        f"# BatchTopK SAE report: {metrics['model_name']} `{metrics['hook_name']}`",
+        "",
+        f"Architecture `{metrics['architecture']}`, d_sae {metrics['d_sae']}, k {metrics['k']:g}.",
+        "",
+        "| metric | value |",
+        "|---|---|",
+        *(f"| {name} | {value:.4g} |" for name, value in headline.items()),
+        "",
+        "## Held-out tokens: threshold mode vs batch top-k",
+        "",
+        "| mode | L0 mean | L0 p5 | L0 p50 | L0 p95 | L0 vs k | NMSE | explained variance |",
+        "|---|---|---|---|---|---|---|---|",
+    ]
+    for mode, stats in metrics["heldout"].items():
+        lines.append(
+            f"| {mode} | {stats['l0_mean']:.2f} | {stats['l0_p5']:.0f} | {stats['l0_p50']:.0f} | "
+            f"{stats['l0_p95']:.0f} | {stats['l0_deviation']:+.1%} | {stats['nmse']:.4f} | "
+            f"{stats['explained_variance']:.4f} |"
+        )
+    lines += ["", "## Calibration", "", *_calibration_section(sae), "", "## Plots", ""]
+    lines += [f"![{Path(plot).stem}]({plot})" for plot in plots]
+    return "\n".join(lines) + "\n"
