@@ -149,7 +149,7 @@ def calibrate_thresholds(
         raise TypeError(f"target_l0 must be a number, got {target_l0!r}")
     if not (0 < target_l0 <= target.d_sae):
         raise ValueError(f"target_l0 must be in (0, d_sae={target.d_sae}], got {target_l0}")
-    _check_token_budget(method, n_tokens, float(target_l0), target.d_sae)
+    check_token_budget(method, n_tokens, float(target_l0), target.d_sae)
     if chunk_tokens <= 0:
         raise ValueError(f"chunk_tokens must be > 0, got {chunk_tokens}")
 
@@ -178,7 +178,11 @@ def calibrate_thresholds(
     )
 
 
-def _check_token_budget(method: str, n_tokens: int, target_l0: float, d_sae: int) -> None:
+def check_token_budget(method: str, n_tokens: int, target_l0: float, d_sae: int) -> None:
+    """Refuse, before any work, a token count too small for a reliable threshold.
+
+    Public so that callers planning calibration (the benchmark's splits) can check up front.
+    """
     if isinstance(n_tokens, bool) or not isinstance(n_tokens, int) or n_tokens <= 0:
         raise ValueError(f"n_tokens must be a positive integer, got {n_tokens!r}")
     if method == "per_latent":
