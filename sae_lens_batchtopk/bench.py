@@ -275,7 +275,7 @@ def run_benchmark(
                         "method": method,
                         "k": k,
                         "d_sae": d_sae,
-                        **_heldout_metrics(sae, heldout, k),
+                        **reconstruction_stats(sae, heldout, target_l0=k),
                         **training,
                         **extra,
                     }
@@ -490,18 +490,6 @@ def _export(trained: TrainingSAE[Any]) -> SAE[Any]:
     return inference.to(trained.device)
 
 
-@torch.no_grad()
-def _heldout_metrics(sae: SAE[Any], heldout: Sequence[torch.Tensor], k: float) -> dict[str, Any]:
-    """Reconstruction statistics plus the share of latents that never fired on held-out."""
-    stats = reconstruction_stats(sae, heldout, target_l0=k)
-    fired = torch.zeros(sae.cfg.d_sae, dtype=torch.bool, device=sae.device)
-    for batch in heldout:
-        fired |= (sae.encode(batch.to(sae.device, sae.dtype)) != 0).any(0)
-    stats["dead_fraction"] = float((~fired).float().mean())
-    return stats
-
-
-@torch.no_grad()
 def model_preservation_scores(
     model: HookedTransformer,
     tokens: torch.Tensor,

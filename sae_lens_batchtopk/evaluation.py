@@ -9,46 +9,73 @@ activation batches alone and calls only ``encode`` and ``decode``.
 from __future__ import annotations
 
 from collections.abc import Iterable
+from dataclasses import dataclass
 from typing import Any
 
 import torch
 from sae_lens.saes.sae import SAE
 
 
-@torch.no_grad()
-def reconstruction_stats(
-    sae: SAE[Any], batches: Iterable[torch.Tensor], *, target_l0: float | None = None
-) -> dict[str, float]:
-    """Per-token L0 distribution, normalized MSE and explained variance over ``batches``.
+@dataclass(frozen=True)
+class HeldoutPass:
+    """What one encode/decode pass over held-out batches measured; statistics derive from it.
 
-    Normalized MSE is ``Σ||x - x̂||² / Σ||x - mean(x)||²`` with the mean taken per batch (the
-    error of predicting the batch mean), so it is 1 for an SAE that only learned the mean.
-    Encoding happens batch by batch as given, which matters for batch-top-k modes.
+    Keeping the per-token L0 lets reports plot its histogram without encoding again.
     """
+
+    l0_per_token: torch.Tensor
+    squared_error: float
+    variance: float
+    fired: torch.Tensor
+
+    def stats(self, target_l0: float | None = None) -> dict[str, float]:
+        """L0 mean and percentiles, normalized MSE, explained variance, dead fraction.
+
+        Normalized MSE is ``Σ||x - x̂||² / Σ||x - mean(x)||²`` with the mean taken per batch
+        (the error of predicting the batch mean), so it is 1 for an SAE that only learned the
+        mean. ``dead_fraction`` is the share of latents that never fired on these tokens.
+        """
+        l0 = self.l0_per_token.double()
+        p5, p50, p95 = torch.quantile(l0, torch.tensor([0.05, 0.5, 0.95], dtype=torch.double))
+        nmse = self.squared_error / self.variance if self.variance > 0 else float("nan")
+        stats = {
+            "l0_mean": float(l0.mean()),
+            "l0_p5": float(p5),
+            "l0_p50": float(p50),
+            "l0_p95": float(p95),
+            "nmse": nmse,
+            "explained_variance": 1.0 - nmse,
+            "dead_fraction": float((~self.fired).float().mean()),
+            "n_tokens": float(l0.numel()),
+        }
+        if target_l0 is not None:
+            stats["l0_deviation"] = (stats["l0_mean"] - target_l0) / target_l0
+        return stats
+
+
+@torch.no_grad()
+def heldout_pass(sae: SAE[Any], batches: Iterable[torch.Tensor]) -> HeldoutPass:
+    """Encode and decode every batch as given (which matters for batch-top-k modes)."""
     l0_per_token: list[torch.Tensor] = []
     squared_error = 0.0
     variance = 0.0
+    fired = torch.zeros(sae.cfg.d_sae, dtype=torch.bool)
     for batch in batches:
         x = batch.reshape(-1, batch.shape[-1]).to(sae.device, sae.dtype)
         codes = sae.encode(x)
         recon = sae.decode(codes)
-        l0_per_token.append((codes != 0).sum(-1).cpu())
+        active = codes != 0
+        l0_per_token.append(active.sum(-1).cpu())
+        fired |= active.any(0).cpu()
         squared_error += float((recon - x).double().pow(2).sum())
         variance += float((x - x.mean(0)).double().pow(2).sum())
     if not l0_per_token:
         raise ValueError("no activation batches to evaluate")
-    l0 = torch.cat(l0_per_token).double()
-    p5, p50, p95 = torch.quantile(l0, torch.tensor([0.05, 0.5, 0.95], dtype=torch.double))
-    nmse = squared_error / variance if variance > 0 else float("nan")
-    stats = {
-        "l0_mean": float(l0.mean()),
-        "l0_p5": float(p5),
-        "l0_p50": float(p50),
-        "l0_p95": float(p95),
-        "nmse": nmse,
-        "explained_variance": 1.0 - nmse,
-        "n_tokens": float(l0.numel()),
-    }
-    if target_l0 is not None:
-        stats["l0_deviation"] = (stats["l0_mean"] - target_l0) / target_l0
-    return stats
+    return HeldoutPass(torch.cat(l0_per_token), squared_error, variance, fired)
+
+
+def reconstruction_stats(
+    sae: SAE[Any], batches: Iterable[torch.Tensor], *, target_l0: float | None = None
+) -> dict[str, float]:
+    """:meth:`HeldoutPass.stats` of one pass of ``sae`` over ``batches``."""
+    return heldout_pass(sae, batches).stats(target_l0)

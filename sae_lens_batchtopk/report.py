@@ -32,7 +32,7 @@ from sae_lens.training.activations_store import ActivationsStore
 from transformer_lens.hook_points import HookedRootModule
 
 from sae_lens_batchtopk.calibration import CalibrationResult, format_calibration_report
-from sae_lens_batchtopk.evaluation import reconstruction_stats
+from sae_lens_batchtopk.evaluation import heldout_pass
 from sae_lens_batchtopk.saes.calibrated_batchtopk_sae import CalibratedBatchTopKSAE
 
 METRICS_FILE = "metrics.json"
@@ -73,13 +73,6 @@ def _save_figure(path: Path, figure: Figure) -> None:
     plt.close(figure)
 
 
-@torch.no_grad()
-def per_token_l0(sae: SAE[Any], batches: Sequence[torch.Tensor]) -> torch.Tensor:
-    """Latents firing per token, token by token (the adaptive-allocation histogram's data)."""
-    counts = [(sae.encode(batch.to(sae.device, sae.dtype)) != 0).sum(-1).cpu() for batch in batches]
-    return torch.cat(counts)
-
-
 def evaluate(
     sae: SAE[Any],
     model: HookedRootModule,
@@ -93,7 +86,7 @@ def evaluate(
 
     ``run_evals`` splices the SAE into the full model (CE loss, KL) on ``ce_eval_batches``
     batches of the eval store and measures sparsity and variance on as many tokens as
-    ``heldout_batches`` hold; ``reconstruction_stats`` then compares threshold mode with the
+    ``heldout_batches`` hold; ``heldout_pass`` then compares threshold mode with the
     training rule (batch top-k) on exactly the held-out batches.
     """
     calibrated = CalibratedBatchTopKSAE.from_sae(sae)
@@ -119,10 +112,11 @@ def evaluate(
         verbose=True,
     )
     density = [float(value) for value in feature_metrics["feature_density"]]
-    threshold_stats = reconstruction_stats(calibrated, heldout_batches, target_l0=k)
+    threshold_pass = heldout_pass(calibrated, heldout_batches)
     with calibrated.batch_topk_mode():
-        batch_topk_stats = reconstruction_stats(calibrated, heldout_batches, target_l0=k)
-        batch_topk_l0 = per_token_l0(calibrated, heldout_batches)
+        batch_topk_pass = heldout_pass(calibrated, heldout_batches)
+    threshold_stats = threshold_pass.stats(target_l0=k)
+    batch_topk_stats = batch_topk_pass.stats(target_l0=k)
     metrics = {
         "architecture": sae.cfg.architecture(),
         "k": k,
@@ -145,8 +139,8 @@ def evaluate(
         "calibration": sae.cfg.metadata.get("calibration"),
     }
     per_token = {
-        "threshold": per_token_l0(calibrated, heldout_batches),
-        "batch_topk": batch_topk_l0,
+        "threshold": threshold_pass.l0_per_token,
+        "batch_topk": batch_topk_pass.l0_per_token,
     }
     return metrics, density, per_token
 
