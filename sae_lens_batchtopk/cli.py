@@ -52,7 +52,7 @@ from sae_lens_batchtopk.offline import (
     tokenize_dataset,
 )
 from sae_lens_batchtopk.report import CURVES_FILE, write_json, write_report
-from sae_lens_batchtopk.runner import make_runner_config
+from sae_lens_batchtopk.runner import draw_batches, make_runner_config
 from sae_lens_batchtopk.saes.calibrated_batchtopk_sae import (
     ARCHITECTURE,
     CalibratedBatchTopKSAE,
@@ -242,17 +242,6 @@ def load_resources(runner_cfg: LanguageModelSAERunnerConfig[Any]) -> Resources:
     corpus = corpus.shuffle(seed=runner_cfg.seed).flatten_indices()
     split = len(corpus) - EVAL_SEQUENCES
     return Resources(model, corpus.select(range(split)), corpus.select(range(split, len(corpus))))
-
-
-def draw_batches(store: Iterator[torch.Tensor], n_tokens: int) -> list[torch.Tensor]:
-    """Whole activation batches from ``store`` until at least ``n_tokens`` tokens."""
-    batches: list[torch.Tensor] = []
-    drawn = 0
-    while drawn < n_tokens:
-        batch = next(store)
-        batches.append(batch.reshape(-1, batch.shape[-1]))
-        drawn += batches[-1].shape[0]
-    return batches
 
 
 def evaluate_into(

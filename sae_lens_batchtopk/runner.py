@@ -8,7 +8,7 @@ each keyword to the object that owns it and refuses anything nobody owns.
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Iterator
+from collections.abc import Iterable
 from dataclasses import fields
 from typing import Any
 
@@ -116,7 +116,7 @@ class CalibratingSAETrainingRunner(LanguageModelSAETrainingRunner):
     def _calibrate(self, sae: CalibratedBatchTopKTrainingSAE) -> None:
         cfg = sae.cfg
         report_tokens = min(max(cfg.calibration_tokens // 4, 1), 262_144)
-        heldout = list(_draw_tokens(self.activations_store, report_tokens))
+        heldout = draw_batches(self.activations_store, report_tokens)
         self.calibration, self.calibration_report = calibrate_with_report(
             sae,
             self.activations_store,
@@ -140,12 +140,13 @@ class CalibratingSAETrainingRunner(LanguageModelSAETrainingRunner):
             )
 
 
-def _draw_tokens(batches: Iterable[torch.Tensor], n_tokens: int) -> Iterator[torch.Tensor]:
-    """Take whole batches from an activation stream until ``n_tokens`` tokens were drawn."""
-    drawn = 0
+def draw_batches(batches: Iterable[torch.Tensor], n_tokens: int) -> list[torch.Tensor]:
+    """Whole ``(n, d_in)`` batches from an activation stream until ``n_tokens`` were drawn."""
+    drawn: list[torch.Tensor] = []
+    n_drawn = 0
     for batch in batches:
-        flat = batch.reshape(-1, batch.shape[-1])
-        yield flat
-        drawn += flat.shape[0]
-        if drawn >= n_tokens:
-            return
+        drawn.append(batch.reshape(-1, batch.shape[-1]))
+        n_drawn += drawn[-1].shape[0]
+        if n_drawn >= n_tokens:
+            break
+    return drawn
