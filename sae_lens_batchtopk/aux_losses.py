@@ -4,6 +4,10 @@ SAE configs name the auxiliary losses they train with (``aux_losses={"auxk": 1/3
 name maps to a function registered here that turns an :class:`AuxLossInputs` into a scalar.
 The coefficient is applied by the SAE (through SAELens's coefficient schedulers, so warm-up
 works), never inside the loss function: applying it twice is a known bug elsewhere.
+
+A loss registered with ``sparse_ready=True`` promises to take its gradient only through
+:attr:`AuxLossInputs.reconstruct_selected`; only then may the SAE train on its fast sparse path,
+where ``hidden_pre`` is detached and ``feature_acts`` is a sparse tensor.
 """
 
 from __future__ import annotations
@@ -22,14 +26,22 @@ class AuxLossInputs:
         sae_in: the SAE's input batch, shape ``(..., d_in)``.
         sae_out: the SAE's reconstruction (with decoder bias), same shape.
         hidden_pre: pre-activations as the selection saw them (already multiplied by the decoder
-            row norms when the SAE rescales by them), shape ``(..., d_sae)``.
-        feature_acts: the selected activations, same shape as ``hidden_pre``.
+            row norms when the SAE rescales by them), shape ``(..., d_sae)``. On the sparse
+            path it is detached: read it to choose latents, never to take gradients.
+        feature_acts: the selected activations; dense with ``hidden_pre``'s shape, or on the
+            sparse path a detached sparse COO tensor of shape ``(n_tokens, d_sae)``.
         dead_mask: boolean ``(d_sae,)``, latents that have not fired for the SAE's dead window.
         underused_mask: boolean ``(d_sae,)``, latents firing less often than the Zipf-law target
             for their frequency rank (dead latents included); see :func:`zipf_loss`.
         k_aux: how many dead latents per token an AuxK-style loss may use.
         decode_directions: maps activations of shape ``(..., d_sae)`` to ``(..., d_in)`` through
-            the decoder *without* the decoder bias (the residual already contains it).
+            the decoder *without* the decoder bias (the residual already contains it). Dense
+            path only.
+        reconstruct_selected: ``(token_idx, latent_idx) -> (n_tokens, d_in)``: decodes, without
+            the decoder bias, the relu'd pre-activations at those positions (token indices
+            ascending, tokens counted over all leading dims), with gradients reaching the
+            encoder at those positions and the decoder rows. Sparse on the sparse path, dense
+            otherwise: a loss written with it trains identically on both.
     """
 
     sae_in: torch.Tensor
@@ -40,18 +52,24 @@ class AuxLossInputs:
     underused_mask: torch.Tensor
     k_aux: int
     decode_directions: Callable[[torch.Tensor], torch.Tensor]
+    reconstruct_selected: Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
 
 
 AuxLossFn = Callable[[AuxLossInputs], torch.Tensor]
 
 _AUX_LOSSES: dict[str, AuxLossFn] = {}
+_SPARSE_READY: set[str] = set()
 
 
-def register_aux_loss(name: str, fn: AuxLossFn, *, overwrite: bool = False) -> None:
+def register_aux_loss(
+    name: str, fn: AuxLossFn, *, overwrite: bool = False, sparse_ready: bool = False
+) -> None:
     """Make ``fn`` available to SAE configs under ``name``.
 
     Raises ``ValueError`` if the name is taken, unless ``overwrite=True``: silently replacing a
-    loss would change what existing configs train with.
+    loss would change what existing configs train with. ``sparse_ready=True`` declares that
+    ``fn`` takes gradients only through ``inputs.reconstruct_selected``, so SAEs using it may
+    keep their fast sparse training path; otherwise they fall back to the dense one.
     """
     if not name or not isinstance(name, str):
         raise ValueError(f"aux loss name must be a non-empty string, got {name!r}")
@@ -60,6 +78,15 @@ def register_aux_loss(name: str, fn: AuxLossFn, *, overwrite: bool = False) -> N
             f"aux loss {name!r} is already registered; pass overwrite=True to replace it"
         )
     _AUX_LOSSES[name] = fn
+    _SPARSE_READY.discard(name)
+    if sparse_ready:
+        _SPARSE_READY.add(name)
+
+
+def is_sparse_ready(name: str) -> bool:
+    """Whether the loss registered under ``name`` works on the sparse training path."""
+    get_aux_loss(name)
+    return name in _SPARSE_READY
 
 
 def registered_aux_losses() -> tuple[str, ...]:
@@ -111,20 +138,24 @@ def zipf_loss(inputs: AuxLossInputs) -> torch.Tensor:
 
 def masked_residual_loss(inputs: AuxLossInputs, mask: torch.Tensor) -> torch.Tensor:
     """The shared AuxK computation over the latents in ``mask`` (see :func:`auxk_loss`)."""
-    n_candidates = int(mask.sum())
-    if n_candidates == 0:
+    candidates = mask.nonzero().squeeze(1)
+    if candidates.numel() == 0:
         return inputs.sae_out.new_zeros(())
-    k_aux = min(inputs.k_aux, n_candidates)
+    k_aux = min(inputs.k_aux, candidates.numel())
+    with torch.no_grad():
+        flat_pre = inputs.hidden_pre.reshape(-1, inputs.hidden_pre.shape[-1])
+        top = flat_pre[:, candidates].topk(k_aux, dim=-1, sorted=False)
+        token_idx = torch.arange(flat_pre.shape[0], device=flat_pre.device)
+        token_idx = token_idx.repeat_interleave(k_aux)
+        latent_idx = candidates[top.indices.flatten()]
+        positive = top.values.flatten() > 0  # relu: the rest decode to, and train, nothing
+    aux_recon = inputs.reconstruct_selected(token_idx[positive], latent_idx[positive])
     residual = (inputs.sae_in - inputs.sae_out).detach()
-    candidate_pre = torch.where(mask, inputs.hidden_pre, -torch.inf)
-    top = candidate_pre.topk(k_aux, dim=-1, sorted=False)
-    aux_acts = torch.zeros_like(inputs.hidden_pre).scatter(-1, top.indices, top.values.relu())
-    aux_recon = inputs.decode_directions(aux_acts)
     flat_residual = residual.reshape(-1, residual.shape[-1])
     error = (aux_recon.reshape_as(flat_residual) - flat_residual).pow(2).sum(-1).mean()
     variance = (flat_residual - flat_residual.mean(0)).pow(2).sum(-1).mean()
     return torch.where(variance > 0, error / variance.clamp_min(1e-30), error.new_zeros(()))
 
 
-register_aux_loss("auxk", auxk_loss)
-register_aux_loss("zipf", zipf_loss)
+register_aux_loss("auxk", auxk_loss, sparse_ready=True)
+register_aux_loss("zipf", zipf_loss, sparse_ready=True)

@@ -248,7 +248,7 @@ def run_benchmark(
     )
     heldout = cache.batches("heldout", _EVAL_BATCH_TOKENS)
     calibration = cache.batches("calibration", config.batch_size)
-    scaling_factor, train_mean = _train_statistics(cache)
+    scaling_factor, train_mean = train_statistics(cache)
 
     rows: list[dict[str, Any]] = []
     saes: dict[str, SAE[Any]] = {}
@@ -327,7 +327,7 @@ def _settings_dict(config: BenchConfig) -> dict[str, Any]:
     return settings
 
 
-def _train_statistics(cache: ActivationCache) -> tuple[float, torch.Tensor]:
+def train_statistics(cache: ActivationCache) -> tuple[float, torch.Tensor]:
     """SAELens's ``expected_average_only_in`` factor (sqrt(d_in) / mean norm) and the mean.
 
     Computed once from the train split and handed to every run, instead of letting each
@@ -426,7 +426,7 @@ def _train(
         data_provider=batches,
     )
     trainer.activation_scaler.scaling_factor = scaling_factor
-    with _peak_memory(config.device) as peak:
+    with peak_memory(config.device) as peak:
         start = time.perf_counter()
         trainer.fit()
         if config.device == "cuda":
@@ -563,7 +563,7 @@ def _next_token_nll(log_probs: torch.Tensor, tokens: torch.Tensor) -> float:
 
 
 @contextmanager
-def _peak_memory(device: str) -> Iterator[dict[str, float]]:
+def peak_memory(device: str) -> Iterator[dict[str, float]]:
     """Peak memory above the starting level while the block runs, in MB.
 
     CUDA: ``torch.cuda.max_memory_allocated`` after a reset. CPU: resident set size sampled by

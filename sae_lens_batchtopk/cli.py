@@ -524,6 +524,11 @@ def build_parser() -> argparse.ArgumentParser:
         help="side-by-side benchmark against SAELens's built-ins (see: bench --help)",
         add_help=False,
     )
+    commands.add_parser(
+        "bench-speed",
+        help="training-step throughput, sparse fast path vs dense (see: bench-speed --help)",
+        add_help=False,
+    )
     return parser
 
 
@@ -538,6 +543,10 @@ def main(argv: Sequence[str] | None = None, resources: Resources | None = None) 
         from sae_lens_batchtopk.bench import main as bench_main  # heavy: only when asked for
 
         return bench_main(args_list[1:])
+    if args_list[:1] == ["bench-speed"]:
+        from sae_lens_batchtopk.speed_bench import main as speed_main  # heavy: only when asked
+
+        return speed_main(args_list[1:])
     args = build_parser().parse_args(args_list)
     try:
         if args.command == "train":

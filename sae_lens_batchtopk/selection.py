@@ -7,7 +7,12 @@ any number of leading (token) dimensions and the latent dimension last.
 
 from __future__ import annotations
 
+import math
+
 import torch
+
+# Entries of the strided sample the fast batch top-k estimates its candidate threshold from.
+_THRESHOLD_SAMPLE_SIZE = 1 << 16
 
 
 def n_selected(k: float, n_tokens: int) -> int:
@@ -37,6 +42,59 @@ def batch_topk(hidden_pre: torch.Tensor, k: float) -> torch.Tensor:
     return torch.zeros_like(flat).scatter(0, top.indices, top.values).view_as(acts)
 
 
+def batch_topk_indices(hidden_pre: torch.Tensor, k: float, *, fast: bool = True) -> torch.Tensor:
+    """Row-major flat indices of the positive entries :func:`batch_topk` keeps, ascending.
+
+    The sparse form of the same selection: ``batch_topk(h, k).flatten()`` is non-zero exactly
+    at these indices (up to the choice among tied values). Ascending order groups the indices
+    by token, the layout the sparse decoder needs.
+
+    ``fast=True`` avoids ``torch.topk`` over all ``tokens x d_sae`` entries, which on a CPU costs
+    more than the encoder matmul: a threshold estimated from a strided sample keeps about 2.5x
+    the budget as candidates, and the exact top-k runs over those. The result is exact whenever
+    the check passes (at least the budget's worth of candidates, or every positive entry); when
+    it fails, the plain full ``torch.topk`` runs instead. ``hidden_pre`` must be contiguous.
+    """
+    flat = hidden_pre.reshape(-1)
+    n_keep = min(n_selected(k, hidden_pre.shape[:-1].numel()), flat.numel())
+    if n_keep == 0:
+        return torch.zeros(0, dtype=torch.long, device=flat.device)
+    candidates = _threshold_candidates(flat, n_keep, hidden_pre.shape[-1]) if fast else None
+    if candidates is None:
+        top = flat.topk(n_keep, sorted=False)
+        chosen = top.indices[top.values > 0]
+    elif candidates.numel() > n_keep:
+        chosen = candidates[flat[candidates].topk(n_keep, sorted=False).indices]
+    else:
+        chosen = candidates
+    return chosen.sort().values
+
+
+def _threshold_candidates(flat: torch.Tensor, n_keep: int, d_sae: int) -> torch.Tensor | None:
+    """Indices of the entries above a sampled threshold, or ``None`` if they may miss the top.
+
+    The returned set contains the batch top-k's positive entries when it holds at least
+    ``n_keep`` entries (then the ``n_keep`` largest all lie above the threshold), or when the
+    threshold is 0 (then it holds every positive entry). The sample stride is coprime with
+    ``d_sae`` so that the sample covers every latent, not one residue class of them.
+    """
+    stride = max(flat.numel() // _THRESHOLD_SAMPLE_SIZE, 1)
+    while math.gcd(stride, d_sae) != 1:
+        stride += 1
+    sample = flat[::stride]
+    expected = n_keep * sample.numel() / flat.numel()
+    # Twice the expected count plus four standard deviations: misses are ~never, and the
+    # candidate top-k stays small.
+    n_above = int(2 * expected + 4 * math.sqrt(expected) + 16)
+    if n_above >= sample.numel():
+        return None
+    floor = max(float(sample.kthvalue(sample.numel() - n_above).values), 0.0)
+    candidates = (flat > floor).nonzero().squeeze(1)
+    if candidates.numel() >= n_keep or floor == 0.0:
+        return candidates
+    return None
+
+
 def threshold_activation(hidden_pre: torch.Tensor, threshold: torch.Tensor) -> torch.Tensor:
     """JumpReLU ``relu(z) * (z > threshold)``, one threshold per latent (broadcast on last dim).
 
@@ -53,6 +111,8 @@ def min_positive(acts: torch.Tensor) -> torch.Tensor:
     BatchTopK paper averages into its inference threshold θ = E_X[min{z_ij(X) | z_ij(X) > 0}].
     Returning ``inf`` rather than ``None`` keeps callers free of host synchronisation.
     """
+    if acts.numel() == 0:
+        return acts.new_full((), torch.inf)
     return torch.where(acts > 0, acts, torch.inf).min()
 
 
@@ -73,6 +133,19 @@ def feature_choice(hidden_pre: torch.Tensor, capacities: torch.Tensor) -> torch.
     keep = rank < capacities.to(flat.device)[None, :]
     values = torch.where(keep, top.values, torch.zeros((), dtype=flat.dtype, device=flat.device))
     return torch.zeros_like(flat).scatter(0, top.indices, values).view_as(acts)
+
+
+def feature_choice_indices(hidden_pre: torch.Tensor, capacities: torch.Tensor) -> torch.Tensor:
+    """Row-major flat indices of the positive entries :func:`feature_choice` keeps, ascending."""
+    flat = hidden_pre.reshape(-1, hidden_pre.shape[-1])
+    m_max = min(int(capacities.max()), flat.shape[0]) if capacities.numel() else 0
+    if m_max == 0:
+        return torch.zeros(0, dtype=torch.long, device=flat.device)
+    top = flat.topk(m_max, dim=0)
+    rank = torch.arange(m_max, device=flat.device)[:, None]
+    keep = (rank < capacities.to(flat.device)[None, :]) & (top.values > 0)
+    latents = torch.arange(flat.shape[1], device=flat.device).expand_as(keep)
+    return (top.indices[keep] * flat.shape[1] + latents[keep]).sort().values
 
 
 def zipf_weights(d_sae: int, exponent: float) -> torch.Tensor:

@@ -58,8 +58,8 @@ class RecordingSAETrainer(SAETrainer[Any, Any]):
     def _record(self, output: TrainStepOutput) -> dict[str, float]:
         record = {"step": float(self.n_training_steps), "tokens": float(self.n_training_samples)}
         record.update({name: float(value) for name, value in output.losses.items()})
-        acts = output.feature_acts.reshape(-1, output.feature_acts.shape[-1])
-        record["l0"] = float((acts != 0).sum(-1).float().mean())
+        # SAELens's own L0 formula: it also reads the sparse codes of the fast path.
+        record["l0"] = float(output.feature_acts.bool().float().sum(-1).to_dense().mean())
         for name, value in output.metrics.items():
             scalar = isinstance(value, torch.Tensor) and value.numel() == 1
             if scalar or isinstance(value, (int, float)):

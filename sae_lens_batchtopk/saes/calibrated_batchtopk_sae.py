@@ -17,9 +17,10 @@ from __future__ import annotations
 
 import math
 import numbers
+import warnings
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
-from dataclasses import dataclass, fields
+from dataclasses import dataclass, fields, replace
 from functools import partial
 from typing import Any, Literal
 
@@ -41,13 +42,15 @@ from sae_lens.util import str_to_dtype
 from torch import nn
 from typing_extensions import override
 
-from sae_lens_batchtopk.aux_losses import AuxLossInputs, get_aux_loss
+from sae_lens_batchtopk.aux_losses import AuxLossInputs, get_aux_loss, is_sparse_ready
 from sae_lens_batchtopk.selection import (
     batch_topk,
+    batch_topk_indices,
     min_positive,
     threshold_activation,
     zipf_weights,
 )
+from sae_lens_batchtopk.sparse_codes import SparseCodes, decode_codes, gather_preactivations
 
 ARCHITECTURE = "calibrated_batchtopk"
 
@@ -288,6 +291,13 @@ class CalibratedBatchTopKTrainingSAEConfig(_CalibratedBatchTopKConfigRules, Trai
             ``"per_latent"``, ``"paper"``, or ``"none"`` to export the running θ.
         calibration_target_l0: the inference L0 to calibrate to; ``None`` means ``k``.
         calibration_tokens: tokens the runner draws (after training, unseen by it) to calibrate.
+        fast_path: train on the sparse path (:mod:`sae_lens_batchtopk.sparse_codes`): exact
+            fast selection, sparse decode and sparse encoder backward, no ``tokens x d_sae``
+            tensor kept for the backward pass. Same losses and gradients as the dense path to
+            float rounding. Used whenever it applies (float32/float64 without autocast, 2-D
+            batches, ``reshape_activations="none"``, no hooks on the activation hook points,
+            sparse-ready aux losses); otherwise the dense path runs, with a warning once.
+            ``False`` always trains densely.
     """
 
     k: float = 32.0
@@ -304,9 +314,12 @@ class CalibratedBatchTopKTrainingSAEConfig(_CalibratedBatchTopKConfigRules, Trai
     calibration_method: str = "l0"
     calibration_target_l0: float | None = None
     calibration_tokens: int = 1_000_000
+    fast_path: bool = True
 
     def __post_init__(self) -> None:
         super().__post_init__()
+        if not isinstance(self.fast_path, bool):
+            raise TypeError(f"fast_path must be true or false, got {self.fast_path!r}")
         self._check_init_fields()
         self._check_aux_fields()
         self._check_calibration_fields()
@@ -376,6 +389,10 @@ class CalibratedBatchTopKTrainingSAE(TopKTrainingSAE):
 
     ``encode`` uses batch top-k (the training rule); the exported inference SAE uses the
     calibrated thresholds, or ``running_theta`` for every latent if never calibrated.
+
+    Training takes the sparse path when ``cfg.fast_path`` allows it (see the config). There the
+    step output's ``feature_acts`` and ``hidden_pre`` are sparse COO tensors holding the
+    selected entries only; SAELens's trainer reads them as it reads its own sparse TopK codes.
     """
 
     cfg: CalibratedBatchTopKTrainingSAEConfig  # type: ignore[assignment]
@@ -399,6 +416,7 @@ class CalibratedBatchTopKTrainingSAE(TopKTrainingSAE):
         # tokens_seen > 0 after a resume, so the first-batch init runs once per SAE, not per
         # process; this flag only saves re-checking it (a host sync) on every step.
         self._b_dec_init_checked = False
+        self._dense_fallback_warned = False
         self.register_buffer(
             "threshold", torch.full((cfg.d_sae,), torch.nan, dtype=self.dtype, device=device)
         )
@@ -442,6 +460,22 @@ class CalibratedBatchTopKTrainingSAE(TopKTrainingSAE):
         hidden_pre: torch.Tensor,
         sae_out: torch.Tensor,
     ) -> dict[str, torch.Tensor]:
+        return self._aux_losses(
+            step_input,
+            feature_acts,
+            hidden_pre,
+            sae_out,
+            partial(self._reconstruct_dense, hidden_pre),
+        )
+
+    def _aux_losses(
+        self,
+        step_input: TrainStepInput,
+        feature_acts: torch.Tensor,
+        hidden_pre: torch.Tensor,
+        sae_out: torch.Tensor,
+        reconstruct_selected: Callable[[torch.Tensor, torch.Tensor], torch.Tensor],
+    ) -> dict[str, torch.Tensor]:
         if not self.cfg.aux_losses:
             return {}
         inputs = AuxLossInputs(
@@ -453,6 +487,7 @@ class CalibratedBatchTopKTrainingSAE(TopKTrainingSAE):
             underused_mask=self.underused_mask,
             k_aux=self.cfg.resolved_aux_k,
             decode_directions=self.decode_directions,
+            reconstruct_selected=reconstruct_selected,
         )
         return {
             f"{name}_loss": step_input.coefficients[name] * get_aux_loss(name)(inputs)
@@ -464,11 +499,134 @@ class CalibratedBatchTopKTrainingSAE(TopKTrainingSAE):
         recons = act_times_W_dec(feature_acts, self.W_dec, self.cfg.rescale_acts_by_decoder_norm)
         return self.reshape_fn_out(recons, self.d_head)
 
+    def _reconstruct_dense(
+        self, hidden_pre: torch.Tensor, token_idx: torch.Tensor, latent_idx: torch.Tensor
+    ) -> torch.Tensor:
+        """Dense-path ``AuxLossInputs.reconstruct_selected``: scatter, then decode densely."""
+        flat = hidden_pre.reshape(-1, hidden_pre.shape[-1])
+        selected = flat[token_idx, latent_idx].relu()
+        acts = torch.zeros_like(flat).index_put((token_idx, latent_idx), selected)
+        return self.decode_directions(acts).reshape(flat.shape[0], -1)
+
+    def select_indices(self, hidden_pre: torch.Tensor) -> torch.Tensor:
+        """The sparse path's selection: flat indices of the kept entries of a 2-D batch."""
+        return batch_topk_indices(hidden_pre, self.cfg.k)
+
+    def sparse_path_blocker(self, sae_in: torch.Tensor) -> str | None:
+        """Why this batch must train on the dense path, or ``None`` if the sparse one applies."""
+        if not self.cfg.fast_path:
+            return "fast_path=False"
+        if sae_in.ndim != 2 or self.cfg.reshape_activations != "none":
+            return "the sparse path takes 2-D batches with reshape_activations='none'"
+        if self.W_enc.dtype not in (torch.float32, torch.float64):
+            return f"the sparse path runs in float32/float64, not {self.W_enc.dtype}"
+        if torch.is_autocast_enabled(sae_in.device.type):
+            return "autocast is on"
+        for hook in (self.hook_sae_acts_pre, self.hook_sae_acts_post):
+            if hook._forward_hooks or hook._backward_hooks:
+                return f"a hook is attached to {hook.name or 'an activation hook point'}"
+        dense_only = [name for name in self.cfg.aux_losses if not is_sparse_ready(name)]
+        if dense_only:
+            return f"aux losses {dense_only} are not registered as sparse_ready"
+        return None
+
+    def _sparse_training_forward_pass(self, step_input: TrainStepInput) -> TrainStepOutput:
+        """The dense training pass's losses, computed on the selected entries only.
+
+        The encoder forward stays dense (every pre-activation competes in the selection) but
+        runs without gradient; :func:`gather_preactivations` re-attaches the gradient at the
+        selected entries, so the dense pre-activations are freed before the backward pass.
+        """
+        sae_in = self.process_sae_in(step_input.sae_in).contiguous()
+        scale = self.W_dec.norm(dim=-1) if self.cfg.rescale_acts_by_decoder_norm else None
+        with torch.no_grad():
+            if scale is None:
+                hidden_pre = torch.addmm(self.b_enc, sae_in, self.W_enc)
+            else:
+                # Scaling W_enc's columns is cheaper than scaling tokens x d_sae outputs.
+                hidden_pre = torch.addmm(self.b_enc * scale, sae_in, self.W_enc * scale)
+            flat_idx = self.select_indices(hidden_pre)
+        d_sae = self.cfg.d_sae
+        codes = self._codes_at(sae_in, hidden_pre, flat_idx // d_sae, flat_idx % d_sae, scale)
+        sae_out = self._decode_sparse(codes, scale) + self.b_dec
+        sae_out = self.hook_sae_recons(sae_out)
+        sae_out = self.run_time_activation_norm_fn_out(sae_out)
+        sae_out = self.reshape_fn_out(sae_out, self.d_head)
+        mse_loss = self.mse_loss_fn(sae_out, step_input.sae_in).sum(dim=-1).mean()
+        feature_acts = codes.to_sparse_coo()
+        aux_losses = self._aux_losses(
+            step_input,
+            feature_acts,
+            hidden_pre,
+            sae_out,
+            partial(self._reconstruct_sparse, sae_in, hidden_pre, scale),
+        )
+        return TrainStepOutput(
+            sae_in=step_input.sae_in,
+            sae_out=sae_out,
+            feature_acts=feature_acts,
+            hidden_pre=feature_acts,
+            loss=mse_loss + sum(aux_losses.values()),
+            losses={"mse_loss": mse_loss, **aux_losses},
+        )
+
+    def _codes_at(
+        self,
+        sae_in: torch.Tensor,
+        hidden_pre: torch.Tensor,
+        token_idx: torch.Tensor,
+        latent_idx: torch.Tensor,
+        scale: torch.Tensor | None,
+    ) -> SparseCodes:
+        """Differentiable (rescaled) pre-activations at the given positions of ``hidden_pre``."""
+        selected = hidden_pre[token_idx, latent_idx]
+        if scale is None:
+            values = gather_preactivations(
+                sae_in, self.W_enc, self.b_enc, token_idx, latent_idx, selected
+            )
+        else:
+            latent_scale = scale[latent_idx]
+            raw = gather_preactivations(
+                sae_in,
+                self.W_enc,
+                self.b_enc,
+                token_idx,
+                latent_idx,
+                selected / latent_scale.detach(),
+            )
+            values = raw * latent_scale
+        return SparseCodes(token_idx, latent_idx, values, sae_in.shape[0], self.cfg.d_sae)
+
+    def _decode_sparse(self, codes: SparseCodes, scale: torch.Tensor | None) -> torch.Tensor:
+        """``act_times_W_dec`` of the codes, without the bias, through the selected rows only."""
+        if scale is not None:
+            codes = replace(codes, values=codes.values * scale.reciprocal()[codes.latent_idx])
+        return decode_codes(codes, self.W_dec)
+
+    def _reconstruct_sparse(
+        self,
+        sae_in: torch.Tensor,
+        hidden_pre: torch.Tensor,
+        scale: torch.Tensor | None,
+        token_idx: torch.Tensor,
+        latent_idx: torch.Tensor,
+    ) -> torch.Tensor:
+        """Sparse-path ``AuxLossInputs.reconstruct_selected``."""
+        codes = self._codes_at(sae_in, hidden_pre, token_idx, latent_idx, scale)
+        return self._decode_sparse(replace(codes, values=codes.values.relu()), scale)
+
     @override
     def training_forward_pass(self, step_input: TrainStepInput) -> TrainStepOutput:
         if not self._b_dec_init_checked:
             self._init_b_dec(step_input.sae_in)
-        output = super().training_forward_pass(step_input)
+        blocker = self.sparse_path_blocker(step_input.sae_in)
+        if blocker is None:
+            output = self._sparse_training_forward_pass(step_input)
+        else:
+            if self.cfg.fast_path and not self._dense_fallback_warned:
+                self._dense_fallback_warned = True
+                warnings.warn(f"training on the dense path: {blocker}", stacklevel=2)
+            output = super().training_forward_pass(step_input)
         self._update_training_state(output.feature_acts)
         output.metrics["running_theta"] = self.running_theta.detach()
         output.metrics["dead_latent_fraction"] = self.dead_mask.float().mean()
@@ -484,18 +642,27 @@ class CalibratedBatchTopKTrainingSAE(TopKTrainingSAE):
 
     @torch.no_grad()
     def _update_training_state(self, feature_acts: torch.Tensor) -> None:
-        """Advance the dead-latent counters and the θ estimate; no host sync."""
-        flat = feature_acts.detach().reshape(-1, feature_acts.shape[-1])
-        fired = (flat > 0).any(0)
-        window = self.cfg.dead_tokens_window
-        advanced = (self.tokens_since_fired + flat.shape[0]).clamp_(max=window)
-        self.tokens_since_fired.copy_(torch.where(fired, 0, advanced))
-        # Running mean over the first window, then an EMA with the window as its horizon.
-        self.tokens_seen.copy_((self.tokens_seen + flat.shape[0]).clamp(max=window))
-        weight = flat.shape[0] / self.tokens_seen.float()
-        self.firing_rate.lerp_((flat > 0).float().mean(0), weight)
+        """Advance the dead-latent counters and the θ estimate; no host sync.
 
-        batch_theta = min_positive(flat).to(self.running_theta.dtype)
+        ``feature_acts`` is dense, or sparse COO ``(n_tokens, d_sae)`` from the sparse path.
+        """
+        n_tokens = feature_acts.shape[:-1].numel()
+        if feature_acts.is_sparse:
+            values = feature_acts._values()
+            latents = feature_acts._indices()[-1][values > 0]
+            fired_count = torch.bincount(latents, minlength=self.cfg.d_sae)
+        else:
+            values = feature_acts.detach().reshape(-1, feature_acts.shape[-1])
+            fired_count = (values > 0).sum(0)
+        window = self.cfg.dead_tokens_window
+        advanced = (self.tokens_since_fired + n_tokens).clamp_(max=window)
+        self.tokens_since_fired.copy_(torch.where(fired_count > 0, 0, advanced))
+        # Running mean over the first window, then an EMA with the window as its horizon.
+        self.tokens_seen.copy_((self.tokens_seen + n_tokens).clamp(max=window))
+        weight = n_tokens / self.tokens_seen.float()
+        self.firing_rate.lerp_(fired_count.float() / n_tokens, weight)
+
+        batch_theta = min_positive(values).to(self.running_theta.dtype)
         rate = self.cfg.theta_ema_rate
         ema = (1 - rate) * self.running_theta + rate * batch_theta
         updated = torch.where(self.running_theta > 0, ema, batch_theta)

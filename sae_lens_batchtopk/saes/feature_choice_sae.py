@@ -27,7 +27,12 @@ from sae_lens_batchtopk.saes.calibrated_batchtopk_sae import (
     CalibratedBatchTopKTrainingSAE,
     CalibratedBatchTopKTrainingSAEConfig,
 )
-from sae_lens_batchtopk.selection import feature_choice, latent_capacities, zipf_weights
+from sae_lens_batchtopk.selection import (
+    feature_choice,
+    feature_choice_indices,
+    latent_capacities,
+    zipf_weights,
+)
 
 FEATURE_CHOICE = "feature_choice"
 
@@ -83,6 +88,10 @@ class FeatureChoiceTrainingSAE(CalibratedBatchTopKTrainingSAE):
     def select(self, hidden_pre: torch.Tensor) -> torch.Tensor:
         """Apply Feature Choice with this batch's capacities."""
         return feature_choice(hidden_pre, self.capacities(hidden_pre.shape[:-1].numel()))
+
+    @override
+    def select_indices(self, hidden_pre: torch.Tensor) -> torch.Tensor:
+        return feature_choice_indices(hidden_pre, self.capacities(hidden_pre.shape[0]))
 
     def capacities(self, n_tokens: int) -> torch.Tensor:
         """Per-latent token capacities for a batch of ``n_tokens`` (sum ``int(k * n)``)."""
