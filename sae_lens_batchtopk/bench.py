@@ -468,7 +468,8 @@ def _inference_saes(
         yield "ema", CalibratedBatchTopKSAE.from_sae(trained), {}
     elif architecture in CALIBRATED_ARCHITECTURES:
         n_tokens = sum(batch.shape[0] for batch in calibration)
-        for method in METHODS:
+        methods = [m for m in METHODS if architecture != FEATURE_CHOICE or m != "paper"]
+        for method in methods:
             result = calibrate_thresholds(trained, calibration, method=method, n_tokens=n_tokens)
             extra = {
                 "calibration_theta": result.theta,

@@ -143,6 +143,11 @@ def calibrate_thresholds(
     target = _target_for(sae, k)
     if method not in METHODS:
         raise ValueError(f"method must be one of {METHODS}, got method={method!r}")
+    if method == "paper" and target.capacities is not None:
+        raise ValueError(
+            "method='paper' does not apply to a feature_choice SAE: its batch minimum is the"
+            " lowest per-latent cut-off and fires far above k; use 'per_latent' or 'l0'"
+        )
     if target_l0 is None:
         target_l0 = target.k
     if isinstance(target_l0, bool) or not isinstance(target_l0, (int, float)):

@@ -116,9 +116,10 @@ def test_feature_choice_and_aux_variants(tmp_path: Path, smollm2: HookedTransfor
     )
     rows = bench.run_benchmark(config, model=smollm2, show_progress=False)["rows"]
     labels = {row["label"] for row in rows}
-    for architecture in config.architectures:
-        for variant in config.aux_variants:
-            assert {f"{architecture}/{variant}[{m}]" for m in METHODS} <= labels
+    for variant in config.aux_variants:
+        assert {f"calibrated_batchtopk/{variant}[{m}]" for m in METHODS} <= labels
+        assert {f"feature_choice/{variant}[{m}]" for m in ("l0", "per_latent")} <= labels
+        assert f"feature_choice/{variant}[paper]" not in labels  # refused for Feature Choice
     for row in rows:
         if row["method"] in ("l0", "per_latent"):  # calibrated L0 is exact on its own tokens
             assert row["calibration_l0"] == pytest.approx(4, rel=0.02)

@@ -153,4 +153,15 @@ def test_feature_choice_through_runner(
     loaded = SAE.load_from_disk(tmp_path / "output")
     assert isinstance(loaded, CalibratedBatchTopKSAE)
     assert runner.calibration is not None
-    assert loaded.cfg.metadata.calibration["method"] == "l0"
+    assert loaded.cfg.metadata.calibration["method"] == "per_latent"  # Feature Choice default
+
+
+def test_feature_choice_calibrates_per_latent_and_refuses_paper() -> None:
+    assert FeatureChoiceTrainingSAEConfig(d_in=8, d_sae=32, k=2).calibration_method == "per_latent"
+    with pytest.raises(ValueError, match="calibration_method='paper'"):
+        FeatureChoiceTrainingSAEConfig(d_in=8, d_sae=32, k=2, calibration_method="paper")
+    sae = FeatureChoiceTrainingSAE(FeatureChoiceTrainingSAEConfig(d_in=8, d_sae=32, k=2))
+    before = sae.threshold.clone()
+    with pytest.raises(ValueError, match="method='paper' does not apply"):
+        calibrate_thresholds(sae, [torch.randn(256, 8)] * 4, method="paper", n_tokens=1024)
+    assert torch.equal(sae.threshold.isnan(), before.isnan())  # left untouched

@@ -44,9 +44,14 @@ class FeatureChoiceTrainingSAEConfig(CalibratedBatchTopKTrainingSAEConfig):
     Args:
         capacity: ``"uniform"`` (each latent keeps ``k * n / d_sae`` tokens per batch) or
             ``"zipf"`` (capacities ``∝ rank^-zipf_exponent`` over latents ranked by firing rate).
+        calibration_method: ``"per_latent"`` by default: Feature Choice gives each latent its
+            own cut-off, and one global θ reconstructs far worse at the same L0. ``"paper"``
+            is refused: the batch minimum of the selected values is the lowest of ``d_sae``
+            per-latent cut-offs, so its average fires at many times the target L0.
     """
 
     capacity: Literal["uniform", "zipf"] = "uniform"
+    calibration_method: str = "per_latent"
 
     @override
     @classmethod
@@ -61,6 +66,11 @@ class FeatureChoiceTrainingSAEConfig(CalibratedBatchTopKTrainingSAEConfig):
         super().__post_init__()
         if self.capacity not in ("uniform", "zipf"):
             raise ValueError(f"capacity must be 'uniform' or 'zipf', got {self.capacity!r}")
+        if self.calibration_method == "paper":
+            raise ValueError(
+                "calibration_method='paper' is meaningless for feature_choice (the batch minimum"
+                " is the lowest per-latent cut-off); use 'per_latent' (default) or 'l0'"
+            )
         if self.capacity == "zipf":
             top_share = float(self.k * zipf_weights(self.d_sae, self.zipf_exponent)[0])
             if top_share > 1:
