@@ -34,6 +34,9 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import datetime
+import hashlib
+import importlib.metadata
+import json
 import math
 import os
 import platform
@@ -83,6 +86,12 @@ JSON_FILE = "bench.json"
 MARKDOWN_FILE = "bench.md"
 PLOT_FILE = "nmse_vs_l0.png"
 SECTION_FILE = "BENCHMARKS_section.md"
+# One JSON file per finished training run, so an interrupted benchmark resumes where it stopped.
+RUNS_DIR = "runs"
+# Settings that choose which runs exist rather than what any run computes.
+_RUN_SELECTION_SETTINGS = frozenset(
+    {"k", "d_sae", "architectures", "aux_variants", "output", "cache_dir", "rerun"}
+)
 # The RSS sampler's period: short enough to catch the peak of a training step.
 _RSS_SAMPLE_SECONDS = 0.005
 # Tokens encoded at once while evaluating; bounds the tokens x d_sae working memory.
@@ -103,6 +112,8 @@ class BenchConfig:
             registered loss name, or names joined by ``+`` (``"auxk+zipf"``); each loss gets
             coefficient 1/32. Several variants compare dead-latent revival on the same tokens.
         eval_sequences / context_size: held-out sequences (and their length) for CE/KL.
+        rerun: retrain runs already finished in ``output/runs`` with the same settings
+            (by default they are reused, so an interrupted benchmark resumes).
     """
 
     k: tuple[float, ...] = (16, 32, 64)
@@ -127,6 +138,7 @@ class BenchConfig:
     output: Path = Path("bench_output")
     seed: int = 42
     model_name: str = MODEL_NAME
+    rerun: bool = False
 
     def validate(self) -> None:
         """Reject bad settings before any work, naming the command-line option at fault."""
@@ -235,9 +247,14 @@ def run_benchmark(
         command: the command line recorded in the ``BENCHMARKS.md`` section.
         show_progress: progress bars for caching and training.
 
+    Each finished training run (its evaluated SAEs' rows) is written at once to
+    ``output/runs/<run>.json`` with a fingerprint of the settings; a later call with the same
+    settings reuses it instead of retraining (unless ``config.rerun``), so a benchmark that
+    takes hours can be interrupted and resumed, or widened to more k values.
+
     Returns:
         The content of ``bench.json``: ``settings``, ``machine``, ``cache`` and ``rows`` (one
-        per evaluated SAE).
+        per evaluated SAE, ordered by d_sae then k).
     """
     config.validate()
     if model is None:
@@ -250,11 +267,20 @@ def run_benchmark(
     calibration = cache.batches("calibration", config.batch_size)
     scaling_factor, train_mean = train_statistics(cache)
 
+    special_ids = special_token_ids(model.tokenizer)
+    runs_dir = Path(config.output) / RUNS_DIR
+    fingerprint = settings_fingerprint(config)
     rows: list[dict[str, Any]] = []
-    saes: dict[str, SAE[Any]] = {}
     for d_sae in config.d_sae:
         for k in config.k:
             for architecture, variant in _runs(config):
+                run_file = runs_dir / f"{_run_name(architecture, variant, k, d_sae)}.json"
+                finished = _finished_run(run_file, fingerprint, config.rerun)
+                if finished is not None:
+                    if show_progress:
+                        print(f"reusing {run_file} (same settings)")
+                    rows.extend(finished)
+                    continue
                 trained, training = _train(
                     architecture,
                     k,
@@ -265,37 +291,47 @@ def run_benchmark(
                     show_progress,
                     aux_variant=variant,
                 )
+                run_rows: list[dict[str, Any]] = []
+                saes: dict[str, SAE[Any]] = {}
                 for method, sae, extra in _inference_saes(architecture, trained, calibration):
                     label = architecture if variant is None else f"{architecture}/{variant}"
                     label = label if method is None else f"{label}[{method}]"
-                    row = {
-                        "label": label,
-                        "architecture": architecture,
-                        "aux_variant": variant,
-                        "method": method,
-                        "k": k,
-                        "d_sae": d_sae,
-                        **reconstruction_stats(sae, heldout, target_l0=k),
-                        **training,
-                        **extra,
-                    }
-                    name = f"{label} k={k:g} d_sae={d_sae}"
-                    saes[name] = sae
-                    rows.append(row)
-    scores = model_preservation_scores(
-        model,
-        cache.eval_tokens,
-        config.hook_name,
-        saes,
-        special_ids=special_token_ids(model.tokenizer),
-    )
-    for row, name in zip(rows, saes, strict=True):
-        row.update(scores[name])
+                    saes[label] = sae
+                    run_rows.append(
+                        {
+                            "label": label,
+                            "architecture": architecture,
+                            "aux_variant": variant,
+                            "method": method,
+                            "k": k,
+                            "d_sae": d_sae,
+                            **reconstruction_stats(sae, heldout, target_l0=k),
+                            **training,
+                            **extra,
+                        }
+                    )
+                scores = model_preservation_scores(
+                    model, cache.eval_tokens, config.hook_name, saes, special_ids=special_ids
+                )
+                for row in run_rows:
+                    row.update(scores[row["label"]])
+                runs_dir.mkdir(parents=True, exist_ok=True)
+                write_json(
+                    run_file,
+                    {
+                        "fingerprint": fingerprint,
+                        "machine": machine_info(),
+                        "date": _now(),
+                        "rows": run_rows,
+                    },
+                )
+                rows.extend(run_rows)
+    rows.sort(key=lambda row: (row["d_sae"], row["k"]))
 
     results = {
         "settings": _settings_dict(config),
         "machine": machine_info(),
-        "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+        "date": _now(),
         "command": command,
         "cache": {"path": str(cache.path), "reused": not cache.created},
         "rows": rows,
@@ -312,6 +348,45 @@ def _runs(config: BenchConfig) -> Iterator[tuple[str, str | None]]:
                 yield architecture, variant
         else:
             yield architecture, None
+
+
+def _run_name(architecture: str, variant: str | None, k: float, d_sae: int) -> str:
+    label = architecture if variant is None else f"{architecture}-{variant}"
+    return f"{label}-k{k:g}-d{d_sae}"
+
+
+def settings_fingerprint(config: BenchConfig) -> str:
+    """Hash of every setting a run's numbers depend on, and of this package's version.
+
+    A finished run is reused only under the same fingerprint; the k / d_sae / architecture
+    lists only choose which runs exist, so widening them reuses the runs already done.
+    """
+    settings = {
+        name: value
+        for name, value in _settings_dict(config).items()
+        if name not in _RUN_SELECTION_SETTINGS
+    }
+    settings["package_version"] = _package_version()
+    return hashlib.sha256(json.dumps(settings, sort_keys=True).encode()).hexdigest()[:16]
+
+
+def _package_version() -> str:
+    try:
+        return importlib.metadata.version("sae-lens-batchtopk")
+    except importlib.metadata.PackageNotFoundError:
+        return "unknown"
+
+
+def _finished_run(path: Path, fingerprint: str, rerun: bool) -> list[dict[str, Any]] | None:
+    """The rows of a run finished earlier under the same settings, else ``None``."""
+    if rerun or not path.is_file():
+        return None
+    stored = json.loads(path.read_text())
+    return stored["rows"] if stored.get("fingerprint") == fingerprint else None
+
+
+def _now() -> str:
+    return datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")
 
 
 def _aux_losses(variant: str) -> dict[str, float]:
@@ -787,6 +862,12 @@ def build_parser() -> argparse.ArgumentParser:
     )
     parser.add_argument("--seed", type=int, default=defaults.seed)
     parser.add_argument(
+        "--rerun",
+        action="store_true",
+        help=f"retrain runs already finished in OUTPUT/{RUNS_DIR} with the same settings"
+        " (default: reuse them, so an interrupted benchmark resumes)",
+    )
+    parser.add_argument(
         "--quick",
         action="store_true",
         help="tiny shapes (about a minute on an idle 2-core CPU); options given explicitly"
@@ -826,6 +907,7 @@ def config_from_args(args: argparse.Namespace) -> BenchConfig:
         cache_dir=args.cache_dir,
         output=args.output,
         seed=args.seed,
+        rerun=args.rerun,
     )
     return config
 

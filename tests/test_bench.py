@@ -73,8 +73,8 @@ def smollm2() -> HookedTransformer:
 
 
 @needs_offline_assets
-def test_run_writes_every_row_and_reuses_the_cache(
-    tmp_path: Path, smollm2: HookedTransformer
+def test_run_writes_every_row_and_reuses_the_cache_and_runs(
+    tmp_path: Path, smollm2: HookedTransformer, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     config = tiny_config(tmp_path)
     first = bench.run_benchmark(config, model=smollm2, show_progress=False)
@@ -105,6 +105,19 @@ def test_run_writes_every_row_and_reuses_the_cache(
     assert list(cache_file.parent.iterdir()) == [cache_file]  # no leftover temporary files
     # Same seed, same tokens: the topk run is reproduced exactly.
     assert second["rows"][0]["nmse"] == first["rows"][0]["nmse"]
+
+    # Same settings and output: every finished run is reused, nothing retrains.
+    def no_training(*args: object, **kwargs: object) -> None:
+        raise AssertionError("a finished run was retrained")
+
+    monkeypatch.setattr(bench, "_train", no_training)
+    resumed = bench.run_benchmark(config, model=smollm2, show_progress=False)
+    assert resumed["rows"] == first["rows"]
+    assert len(list((config.output / bench.RUNS_DIR).iterdir())) == 4  # one file per run
+    with pytest.raises(AssertionError, match="retrained"):
+        bench.run_benchmark(
+            dataclasses.replace(config, lr=2e-3), model=smollm2, show_progress=False
+        )
 
 
 @needs_offline_assets
