@@ -56,6 +56,7 @@ matplotlib.use("Agg")
 
 import matplotlib.pyplot as plt
 import torch
+from sae_lens.config import LanguageModelSAERunnerConfig
 from sae_lens.registry import SAE_TRAINING_CLASS_REGISTRY
 from sae_lens.saes.sae import SAE, TrainingSAE
 from sae_lens.training.sae_trainer import SAETrainer
@@ -257,11 +258,8 @@ def run_benchmark(
         per evaluated SAE, ordered by d_sae then k).
     """
     config.validate()
-    if model is None:
-        model = load_smollm2(device=config.device)
-    cache_dir = Path(config.cache_dir) if config.cache_dir else default_cache_dir() / "activations"
-    cache = load_or_create_activation_cache(
-        config.cache_spec(), model, cache_dir, show_progress=show_progress
+    model, cache = load_model_and_cache(
+        config.cache_spec(), config.device, config.cache_dir, model, show_progress
     )
     heldout = cache.batches("heldout", _EVAL_BATCH_TOKENS)
     calibration = cache.batches("calibration", config.batch_size)
@@ -466,7 +464,7 @@ def _train(
     aux_variant: str | None = None,
 ) -> tuple[TrainingSAE[Any], dict[str, Any]]:
     """One run through SAELens's ``SAETrainer``; returns the SAE and its cost figures."""
-    scaling_factor, train_mean = statistics
+    scaling_factor = statistics[0]
     runner_config = make_runner_config(
         architecture,
         **_sae_options(architecture, k, d_sae, config, cache.d_in, aux_variant),
@@ -483,24 +481,15 @@ def _train(
         log_to_wandb=False,
         verbose=show_progress,
     )
-    torch.manual_seed(config.seed)
-    sae_class = SAE_TRAINING_CLASS_REGISTRY[architecture][0]
-    sae = sae_class(runner_config.sae).to(config.device)
-    with torch.no_grad():
-        sae.b_dec.copy_(train_mean * scaling_factor)
-    batches = cache.train_batches(config.batch_size, seed=config.seed)
+    sae, trainer = new_sae_and_trainer(
+        runner_config, cache.train_batches(config.batch_size, seed=config.seed), statistics
+    )
     extra: dict[str, Any] = {}
     if architecture == "jumprelu":
         extra["jumprelu_init_threshold"] = _init_jumprelu_threshold(
             sae, cache.train_batches(config.batch_size, seed=config.seed + 1), scaling_factor, k
         )
         extra["jumprelu_l0_coefficient"] = config.jumprelu_l0_coefficient
-    trainer = SAETrainer(
-        cfg=runner_config.to_sae_trainer_config(),
-        sae=sae,
-        data_provider=batches,
-    )
-    trainer.activation_scaler.scaling_factor = scaling_factor
     with peak_memory(config.device) as peak:
         start = time.perf_counter()
         trainer.fit()
@@ -513,6 +502,47 @@ def _train(
         "peak_memory_mb": peak["mb"],
         **extra,
     }
+
+
+def load_model_and_cache(
+    spec: CacheSpec,
+    device: str,
+    cache_dir: Path | None,
+    model: HookedTransformer | None,
+    show_progress: bool,
+) -> tuple[HookedTransformer, ActivationCache]:
+    """The model (SmolLM2 unless one is given) and the cached activations of ``spec``.
+
+    The cache is generated on first use under ``cache_dir`` (default:
+    ``default_cache_dir() / "activations"``) and reused by every later run with the same spec.
+    """
+    if model is None:
+        model = load_smollm2(device=device)
+    directory = Path(cache_dir) if cache_dir else default_cache_dir() / "activations"
+    cache = load_or_create_activation_cache(spec, model, directory, show_progress=show_progress)
+    return model, cache
+
+
+def new_sae_and_trainer(
+    runner_config: LanguageModelSAERunnerConfig[Any],
+    batches: Iterator[torch.Tensor],
+    statistics: tuple[float, torch.Tensor],
+) -> tuple[TrainingSAE[Any], SAETrainer[Any, Any]]:
+    """A fresh SAE and its ``SAETrainer``, set up identically for every compared run.
+
+    Same seed for the initial weights, the decoder bias at the train-split mean (see
+    :func:`train_statistics`), and the activation scaling factor fixed in advance, so the
+    trainer does not estimate it from (and thereby consume) batches of ``batches``.
+    """
+    scaling_factor, train_mean = statistics
+    torch.manual_seed(runner_config.seed)
+    sae_class = SAE_TRAINING_CLASS_REGISTRY[runner_config.sae.architecture()][0]
+    sae = sae_class(runner_config.sae).to(runner_config.device)
+    with torch.no_grad():
+        sae.b_dec.copy_(train_mean * scaling_factor)
+    trainer = SAETrainer(cfg=runner_config.to_sae_trainer_config(), sae=sae, data_provider=batches)
+    trainer.activation_scaler.scaling_factor = scaling_factor
+    return sae, trainer
 
 
 @torch.no_grad()
@@ -785,15 +815,34 @@ def benchmarks_section(results: Mapping[str, Any]) -> str:
 
 
 def _write_outputs(results: Mapping[str, Any], output: Path) -> None:
+    write_outputs(
+        output,
+        {JSON_FILE: results},
+        {
+            MARKDOWN_FILE: markdown_table(results["rows"]) + "\n",
+            SECTION_FILE: benchmarks_section(results),
+        },
+        {PLOT_FILE: nmse_vs_l0_figure(results["rows"])},
+    )
+
+
+def write_outputs(
+    output: Path,
+    json_files: Mapping[str, Any],
+    text_files: Mapping[str, str],
+    figures: Mapping[str, plt.Figure],
+) -> None:
+    """Write a benchmark's JSON, text and PNG files into ``output``, each atomically."""
     output.mkdir(parents=True, exist_ok=True)
-    write_json(output / JSON_FILE, results)
-    table = markdown_table(results["rows"])
-    write_atomically(output / MARKDOWN_FILE, lambda tmp: tmp.write_text(table + "\n"))
-    section = benchmarks_section(results)
-    write_atomically(output / SECTION_FILE, lambda tmp: tmp.write_text(section))
-    figure = nmse_vs_l0_figure(results["rows"])
-    write_atomically(output / PLOT_FILE, lambda tmp: figure.savefig(tmp, format="png", dpi=110))
-    plt.close(figure)
+    for name, content in json_files.items():
+        write_json(output / name, content)
+    for name, text in text_files.items():
+        write_atomically(output / name, lambda tmp, text=text: tmp.write_text(text))
+    for name, figure in figures.items():
+        write_atomically(
+            output / name, lambda tmp, figure=figure: figure.savefig(tmp, format="png", dpi=110)
+        )
+        plt.close(figure)
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -34,14 +34,18 @@ matplotlib.use("Agg")
 
 import matplotlib.pyplot as plt
 import torch
-from sae_lens.registry import SAE_TRAINING_CLASS_REGISTRY
-from sae_lens.training.sae_trainer import SAETrainer
 from transformer_lens import HookedTransformer
 
-from sae_lens_batchtopk.activation_cache import CacheSpec, load_or_create_activation_cache
-from sae_lens_batchtopk.bench import MODEL_NAME, machine_info, peak_memory, train_statistics
-from sae_lens_batchtopk.offline import default_cache_dir, load_smollm2
-from sae_lens_batchtopk.report import write_atomically, write_json
+from sae_lens_batchtopk.activation_cache import CacheSpec
+from sae_lens_batchtopk.bench import (
+    MODEL_NAME,
+    load_model_and_cache,
+    machine_info,
+    new_sae_and_trainer,
+    peak_memory,
+    train_statistics,
+    write_outputs,
+)
 from sae_lens_batchtopk.runner import make_runner_config
 from sae_lens_batchtopk.saes.calibrated_batchtopk_sae import ARCHITECTURE
 
@@ -144,22 +148,16 @@ def run_speed_benchmark(
 ) -> dict[str, Any]:
     """Time every requested run on the same batches, write the outputs, return the results."""
     config.validate()
-    if model is None:
-        model = load_smollm2(device=config.device)
-    cache_dir = Path(config.cache_dir) if config.cache_dir else default_cache_dir() / "activations"
-    cache = load_or_create_activation_cache(
-        config.cache_spec(), model, cache_dir, show_progress=show_progress
+    _, cache = load_model_and_cache(
+        config.cache_spec(), config.device, config.cache_dir, model, show_progress
     )
-    scaling_factor, train_mean = train_statistics(cache)
+    train_stats = train_statistics(cache)
     batches = list(
         itertools.islice(
             cache.train_batches(config.batch_size, seed=config.seed), config.total_steps
         )
     )
-    runs = {
-        name: time_training_steps(name, config, batches, scaling_factor, train_mean)
-        for name in config.runs
-    }
+    runs = {name: time_training_steps(name, config, batches, train_stats) for name in config.runs}
     results = {
         "settings": {
             **dataclasses.asdict(config),
@@ -186,8 +184,7 @@ def time_training_steps(
     name: str,
     config: SpeedConfig,
     batches: Sequence[torch.Tensor],
-    scaling_factor: float,
-    train_mean: torch.Tensor,
+    train_stats: tuple[float, torch.Tensor],
 ) -> dict[str, Any]:
     """Train one run for ``config.total_steps`` steps; time each; record its MSE curve."""
     architecture, extra = RUNS[name]
@@ -212,14 +209,7 @@ def time_training_steps(
         log_to_wandb=False,
         verbose=False,
     )
-    torch.manual_seed(config.seed)
-    sae = SAE_TRAINING_CLASS_REGISTRY[architecture][0](runner_config.sae).to(config.device)
-    with torch.no_grad():
-        sae.b_dec.copy_(train_mean * scaling_factor)
-    trainer = SAETrainer(
-        cfg=runner_config.to_sae_trainer_config(), sae=sae, data_provider=iter(batches)
-    )
-    trainer.activation_scaler.scaling_factor = scaling_factor
+    sae, trainer = new_sae_and_trainer(runner_config, iter(batches), train_stats)
     seconds, mse, selected = [], [], []
     with peak_memory(config.device) as peak:
         for batch in batches:
@@ -354,15 +344,12 @@ def benchmarks_section(results: Mapping[str, Any]) -> str:
 
 
 def _write_outputs(results: Mapping[str, Any], output: Path) -> None:
-    output.mkdir(parents=True, exist_ok=True)
-    write_json(output / JSON_FILE, results)
-    table = markdown_table(results)
-    write_atomically(output / MARKDOWN_FILE, lambda tmp: tmp.write_text(table + "\n"))
-    section = benchmarks_section(results)
-    write_atomically(output / SECTION_FILE, lambda tmp: tmp.write_text(section))
-    figure = loss_curves_figure(results)
-    write_atomically(output / PLOT_FILE, lambda tmp: figure.savefig(tmp, format="png", dpi=110))
-    plt.close(figure)
+    write_outputs(
+        output,
+        {JSON_FILE: results},
+        {MARKDOWN_FILE: markdown_table(results) + "\n", SECTION_FILE: benchmarks_section(results)},
+        {PLOT_FILE: loss_curves_figure(results)},
+    )
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -337,3 +337,14 @@ def test_dense_fallbacks_are_explained() -> None:
 def test_fast_path_config_is_validated() -> None:
     with pytest.raises(TypeError, match="fast_path"):
         CalibratedBatchTopKTrainingSAEConfig(d_in=8, d_sae=32, k=2, fast_path="yes")  # type: ignore[arg-type]
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_sparse_step_matches_dense_on_cuda() -> None:
+    sae = perturbed_sae(
+        CalibratedBatchTopKTrainingSAE, CalibratedBatchTopKTrainingSAEConfig, k=8, dtype="float32"
+    ).to("cuda")
+    x = torch.randn(2048, 24, device="cuda") * 2
+    fast, dense = training_step(sae, x, fast=True), training_step(sae, x, fast=False)
+    assert_same_step(fast, dense, rtol=1e-4, atol=1e-5)
