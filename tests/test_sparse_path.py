@@ -173,17 +173,20 @@ def perturbed_sae(sae_class: type, config_class: type, **options: Any) -> Any:
     return sae
 
 
-def training_step(sae: Any, x: torch.Tensor, *, fast: bool) -> dict[str, Any]:
-    sae = copy.deepcopy(sae)
-    sae.cfg.fast_path = fast
-    step_input = TrainStepInput(
+def step_input_for(sae: Any, x: torch.Tensor) -> TrainStepInput:
+    return TrainStepInput(
         sae_in=x,
         coefficients=dict.fromkeys(sae.cfg.aux_losses, 0.5),
         dead_neuron_mask=None,
         n_training_steps=0,
         is_logging_step=False,
     )
-    output = sae.training_forward_pass(step_input)
+
+
+def training_step(sae: Any, x: torch.Tensor, *, fast: bool) -> dict[str, Any]:
+    sae = copy.deepcopy(sae)
+    sae.cfg.fast_path = fast
+    output = sae.training_forward_pass(step_input_for(sae, x))
     output.loss.backward()
     acts = output.feature_acts
     return {
@@ -279,15 +282,8 @@ def saved_tensor_shapes(sae: Any, x: torch.Tensor) -> list[tuple[int, ...]]:
         shapes.append(tuple(tensor.shape))
         return tensor
 
-    step_input = TrainStepInput(
-        sae_in=x,
-        coefficients=dict.fromkeys(sae.cfg.aux_losses, 0.5),
-        dead_neuron_mask=None,
-        n_training_steps=0,
-        is_logging_step=False,
-    )
     with torch.autograd.graph.saved_tensors_hooks(pack, lambda tensor: tensor):
-        sae.training_forward_pass(step_input).loss.backward()
+        sae.training_forward_pass(step_input_for(sae, x)).loss.backward()
     return shapes
 
 
