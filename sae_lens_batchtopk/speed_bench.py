@@ -10,7 +10,8 @@ reaches counting only the work it must do (the dense encoder forward plus the sp
 decode/backward). The fast and dense runs of our architecture are compared step by step:
 their MSE curves must agree to float rounding, against a step-to-step change that is orders
 of magnitude larger. Dead latents are declared after ``--dead-window-steps`` so that every
-run's AuxK path is exercised and timed.
+run's AuxK path is exercised and timed. The selection alone is timed too: the fast exact batch
+top-k against ``torch.topk`` over all ``tokens x d_sae`` entries, on the same pre-activations.
 """
 
 from __future__ import annotations
@@ -47,7 +48,12 @@ from sae_lens_batchtopk.bench import (
     write_outputs,
 )
 from sae_lens_batchtopk.runner import make_runner_config
-from sae_lens_batchtopk.saes.calibrated_batchtopk_sae import ARCHITECTURE
+from sae_lens_batchtopk.saes.calibrated_batchtopk_sae import (
+    ARCHITECTURE,
+    CalibratedBatchTopKTrainingSAE,
+    CalibratedBatchTopKTrainingSAEConfig,
+)
+from sae_lens_batchtopk.selection import batch_topk_indices, n_selected
 
 # Run name -> (architecture, extra SAE options).
 RUNS: dict[str, tuple[str, dict[str, Any]]] = {
@@ -169,6 +175,7 @@ def run_speed_benchmark(
         "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
         "command": command,
         "peak_matmul_flops": peak_matmul_flops(config.device),
+        "selection": time_selection(config, batches[0] * train_stats[0]),
         "runs": runs,
         "curve_match": curve_match(runs),
     }
@@ -235,6 +242,40 @@ def time_training_steps(
         "required_flops_per_s": required / statistics.median(timed),
         "mse_loss": mse,
         "dead_fraction_end": float(trainer.dead_neurons.float().mean()),
+    }
+
+
+def time_selection(config: SpeedConfig, sae_in: torch.Tensor, repeats: int = 5) -> dict[str, Any]:
+    """Median seconds of the fast exact batch top-k and of ``torch.topk`` over all entries.
+
+    Both select the same entries (checked) from the pre-activations of one scaled training
+    batch under a freshly initialised ``calibrated_batchtopk`` SAE.
+    """
+    sae = CalibratedBatchTopKTrainingSAE(
+        CalibratedBatchTopKTrainingSAEConfig(
+            d_in=sae_in.shape[-1], d_sae=config.d_sae, k=config.k, device=config.device
+        )
+    )
+    with torch.no_grad():
+        hidden_pre = sae.process_sae_in(sae_in.to(config.device)) @ sae.W_enc + sae.b_enc
+        hidden_pre *= sae.W_dec.norm(dim=-1)
+    n_keep = n_selected(config.k, hidden_pre.shape[0])
+    seconds: dict[str, list[float]] = {"fast_exact": [], "torch_topk": []}
+    for _ in range(repeats):
+        for name, select in (
+            ("fast_exact", lambda: batch_topk_indices(hidden_pre, config.k)),
+            ("torch_topk", lambda: hidden_pre.flatten().topk(n_keep, sorted=False).indices),
+        ):
+            _synchronize(config.device)
+            start = time.perf_counter()
+            select()
+            _synchronize(config.device)
+            seconds[name].append(time.perf_counter() - start)
+    fast = batch_topk_indices(hidden_pre, config.k)
+    reference = batch_topk_indices(hidden_pre, config.k, fast=False)
+    return {
+        **{f"{name}_s": statistics.median(times) for name, times in seconds.items()},
+        "same_selection": bool(torch.equal(fast, reference)),
     }
 
 
@@ -339,7 +380,16 @@ def benchmarks_section(results: Mapping[str, Any]) -> str:
             f" change of the curve {match['step_to_step_change']:.2e}.",
             "",
         ]
-    lines += [f"![loss curves]({PLOT_FILE})", ""]
+    selection = results["selection"]
+    lines += [
+        f"Selection alone (one batch's pre-activations): fast exact batch top-k"
+        f" {selection['fast_exact_s'] * 1e3:.1f} ms vs `torch.topk` over all entries"
+        f" {selection['torch_topk_s'] * 1e3:.1f} ms; same entries selected:"
+        f" {'yes' if selection['same_selection'] else 'NO'}.",
+        "",
+        f"![loss curves]({PLOT_FILE})",
+        "",
+    ]
     return "\n".join(lines)
 
 

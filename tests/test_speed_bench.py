@@ -47,6 +47,7 @@ def test_quick_speed_run(tmp_path: Path, smollm2: HookedTransformer) -> None:
         assert len(run["mse_loss"]) == 4
         assert run["tokens_per_s"] > 0 and run["fraction_of_peak"] > 0
     assert results["curve_match"]["max_relative_difference"] < 1e-4
+    assert results["selection"]["same_selection"] is True
     for name in (
         speed_bench.JSON_FILE,
         speed_bench.MARKDOWN_FILE,
