@@ -108,15 +108,20 @@ def get_aux_loss(name: str) -> AuxLossFn:
 def auxk_loss(inputs: AuxLossInputs) -> torch.Tensor:
     """Gao et al.'s AuxK: the top-``k_aux`` dead latents reconstruct the main residual.
 
-    ``L_aux = ||e - ê||² / ||e - mean(e)||²`` averaged over tokens, where ``e = x - x̂`` is
-    *detached* (the aux loss must only move the dead latents, never the main reconstruction)
-    and ``ê`` decodes only the ``k_aux`` largest relu'd pre-activations among dead latents,
-    *without* the decoder bias (``e`` already contains it).
+    ``L_aux = Var(x) · mean_t ||e_t - ê_t||² / Var(e)`` with ``Var(v) = mean_t ||v_t -
+    mean(v)||²``, where ``e = x - x̂`` is *detached* (the aux loss must only move the dead
+    latents, never the main reconstruction) and ``ê`` decodes only the ``k_aux`` largest
+    relu'd pre-activations among dead latents, *without* the decoder bias (``e`` already
+    contains it).
 
-    Normalisation: dividing by the residual's variance makes the loss a fraction of
-    unexplained variance, as in openai/sparse_autoencoder, sparsify and dictionary_learning,
-    so the paper's coefficient 1/32 means the same thing at any activation scale and any
-    point in training. Returns 0 when no latent is dead or the residual has no variance.
+    Scale: openai/sparse_autoencoder trains ``NMSE(x̂, x) + 1/32 · NMSE(ê, e)``, each term
+    normalised by its own target's variance. SAELens's main loss is the plain squared error
+    ``mean_t ||x_t - x̂_t||²``, i.e. ``Var(x) · NMSE(x̂, x)``; multiplying the aux term by the
+    same ``Var(x)`` keeps Gao et al.'s ratio between the two losses, so their coefficient 1/32
+    means the same at any activation scale and any point in training. (Dividing by ``Var(e)``
+    alone would weaken the aux loss by a factor ``Var(x)``, hundreds for residual streams,
+    and leave most dead latents dead.) Returns 0 when no latent is dead or the residual has
+    no variance.
     """
     return masked_residual_loss(inputs, inputs.dead_mask)
 
@@ -130,7 +135,7 @@ def zipf_loss(inputs: AuxLossInputs) -> torch.Tensor:
     average L0 ``k``. A latent is *under-used* when its rate is below ``underused_margin · t_r``;
     dead latents always are. The loss is exactly AuxK's with the dead set replaced by the
     under-used set: the top-``k_aux`` under-used latents per token reconstruct the detached
-    residual without decoder bias, normalised by the residual's variance. With no under-used
+    residual without decoder bias, scaled as AuxK is. With no under-used
     live latent it equals AuxK, so it revives dead latents and also feeds rarely-firing ones.
     """
     return masked_residual_loss(inputs, inputs.underused_mask)
@@ -153,8 +158,14 @@ def masked_residual_loss(inputs: AuxLossInputs, mask: torch.Tensor) -> torch.Ten
     residual = (inputs.sae_in - inputs.sae_out).detach()
     flat_residual = residual.reshape(-1, residual.shape[-1])
     error = (aux_recon.reshape_as(flat_residual) - flat_residual).pow(2).sum(-1).mean()
-    variance = (flat_residual - flat_residual.mean(0)).pow(2).sum(-1).mean()
-    return torch.where(variance > 0, error / variance.clamp_min(1e-30), error.new_zeros(()))
+    variance = _variance(flat_residual)
+    scale = _variance(inputs.sae_in.reshape_as(flat_residual).detach()) / variance.clamp_min(1e-30)
+    return torch.where(variance > 0, error * scale, error.new_zeros(()))
+
+
+def _variance(rows: torch.Tensor) -> torch.Tensor:
+    """``mean_t ||v_t - mean(v)||²``: total variance of a batch of vectors."""
+    return (rows - rows.mean(0)).pow(2).sum(-1).mean()
 
 
 register_aux_loss("auxk", auxk_loss, sparse_ready=True)

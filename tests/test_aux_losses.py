@@ -43,10 +43,17 @@ def hand_inputs(sae_out: torch.Tensor, hidden_pre: torch.Tensor) -> AuxLossInput
 def test_auxk_matches_hand_computation() -> None:
     # residual e = [[1, 1], [2, 4]]; token 0 keeps dead latent 1 (2.0) -> ê = [0, 2];
     # token 1 keeps dead latent 2 (3.0) -> ê = [3, 3]. Squared errors 2 and 2, mean 2.
-    # Residual variance: mean e = [1.5, 2.5], squared deviations 2.5 each -> 2.5.
+    # Residual variance: mean e = [1.5, 2.5], squared deviations 2.5 each -> 2.5. The input
+    # x = e + 0 has the same variance, so the loss is 2 * 2.5 / 2.5 = 2.
     hidden_pre = torch.tensor([[5.0, 2.0, 1.0], [5.0, -1.0, 3.0]])
     loss = auxk_loss(hand_inputs(torch.zeros(2, 2), hidden_pre))
-    assert loss.item() == pytest.approx(2.0 / 2.5)
+    assert loss.item() == pytest.approx(2.0)
+    # Shifting x̂ (and x with it) by a constant changes neither variance; scaling the input
+    # variance up 4x (x̂ moves, e stays) scales the loss 4x: main-loss units.
+    shifted = auxk_loss(hand_inputs(torch.full((2, 2), 7.0), hidden_pre))
+    assert shifted.item() == pytest.approx(2.0)
+    spread = torch.tensor([[0.0, 0.0], [1.0, 3.0]])  # Var(x + spread) = 4 * Var(x)
+    assert auxk_loss(hand_inputs(spread, hidden_pre)).item() == pytest.approx(8.0)
 
 
 def test_auxk_gradient_does_not_reach_residual() -> None:
@@ -102,14 +109,15 @@ def test_auxk_in_sae_touches_only_dead_decoder_rows_and_no_bias() -> None:
 def test_zipf_uses_underused_latents_hand_computation() -> None:
     # Latent 0 is live but under-used, latent 1 dead, latent 2 healthy: with k_aux = 1,
     # token 0 picks latent 0 (5.0) -> ê = [5, 0]; token 1 picks latent 1 (-1 -> relu 0) -> ê = 0.
-    # Residual e = [[1, 1], [2, 4]]: errors 16 + 1 = 17 and 4 + 16 = 20, mean 18.5; variance 2.5.
+    # Residual e = [[1, 1], [2, 4]]: errors 16 + 1 = 17 and 4 + 16 = 20, mean 18.5; Var(e) =
+    # Var(x) = 2.5, so the loss is 18.5.
     hidden_pre = torch.tensor([[5.0, 2.0, 1.0], [-3.0, -1.0, 3.0]])
     inputs = hand_inputs(torch.zeros(2, 2), hidden_pre)
     inputs = AuxLossInputs(
         **{**inputs.__dict__, "underused_mask": torch.tensor([True, True, False])}
     )
-    assert zipf_loss(inputs).item() == pytest.approx(18.5 / 2.5)
-    assert auxk_loss(inputs).item() == pytest.approx(0.8)  # AuxK still sees only dead ones
+    assert zipf_loss(inputs).item() == pytest.approx(18.5)
+    assert auxk_loss(inputs).item() == pytest.approx(2.0)  # AuxK still sees only dead ones
 
 
 def test_underused_mask_follows_zipf_targets() -> None:
