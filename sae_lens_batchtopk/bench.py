@@ -34,8 +34,10 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import datetime
+import gc
 import hashlib
 import importlib.metadata
+import itertools
 import json
 import math
 import os
@@ -91,7 +93,7 @@ SECTION_FILE = "BENCHMARKS_section.md"
 RUNS_DIR = "runs"
 # Settings that choose which runs exist rather than what any run computes.
 _RUN_SELECTION_SETTINGS = frozenset(
-    {"k", "d_sae", "architectures", "aux_variants", "output", "cache_dir", "rerun"}
+    {"k", "d_sae", "architectures", "aux_variants", "output", "cache_dir", "rerun", "memory_probe"}
 )
 # The RSS sampler's period: short enough to catch the peak of a training step.
 _RSS_SAMPLE_SECONDS = 0.005
@@ -115,6 +117,8 @@ class BenchConfig:
         eval_sequences / context_size: held-out sequences (and their length) for CE/KL.
         rerun: retrain runs already finished in ``output/runs`` with the same settings
             (by default they are reused, so an interrupted benchmark resumes).
+        memory_probe: measure each run's peak memory in a fresh process
+            (:func:`probe_peak_memory`, a few seconds per run); ``False`` reports ``None``.
     """
 
     k: tuple[float, ...] = (16, 32, 64)
@@ -140,6 +144,7 @@ class BenchConfig:
     seed: int = 42
     model_name: str = MODEL_NAME
     rerun: bool = False
+    memory_probe: bool = True
 
     def validate(self) -> None:
         """Reject bad settings before any work, naming the command-line option at fault."""
@@ -263,7 +268,7 @@ def run_benchmark(
     )
     heldout = cache.batches("heldout", _EVAL_BATCH_TOKENS)
     calibration = cache.batches("calibration", config.batch_size)
-    scaling_factor, train_mean = train_statistics(cache)
+    stats = train_statistics(cache)
 
     special_ids = special_token_ids(model.tokenizer)
     runs_dir = Path(config.output) / RUNS_DIR
@@ -273,22 +278,18 @@ def run_benchmark(
         for k in config.k:
             for architecture, variant in _runs(config):
                 run_file = runs_dir / f"{_run_name(architecture, variant, k, d_sae)}.json"
+                runner_config = _runner_config(
+                    architecture, k, d_sae, config, cache.d_in, variant, show_progress
+                )
                 finished = _finished_run(run_file, fingerprint, config.rerun)
                 if finished is not None:
                     if show_progress:
                         print(f"reusing {run_file} (same settings)")
-                    rows.extend(finished)
+                    rows.extend(
+                        _with_memory_probe(run_file, finished, runner_config, config, cache, stats)
+                    )
                     continue
-                trained, training = _train(
-                    architecture,
-                    k,
-                    d_sae,
-                    config,
-                    cache,
-                    (scaling_factor, train_mean),
-                    show_progress,
-                    aux_variant=variant,
-                )
+                trained, training = _train(runner_config, k, config, cache, stats)
                 run_rows: list[dict[str, Any]] = []
                 saes: dict[str, SAE[Any]] = {}
                 for method, sae, extra in _inference_saes(architecture, trained, calibration):
@@ -314,16 +315,14 @@ def run_benchmark(
                 for row in run_rows:
                     row.update(scores[row["label"]])
                 runs_dir.mkdir(parents=True, exist_ok=True)
-                write_json(
-                    run_file,
-                    {
-                        "fingerprint": fingerprint,
-                        "machine": machine_info(),
-                        "date": _now(),
-                        "rows": run_rows,
-                    },
-                )
-                rows.extend(run_rows)
+                run = {
+                    "fingerprint": fingerprint,
+                    "machine": machine_info(),
+                    "date": _now(),
+                    "rows": run_rows,
+                }
+                write_json(run_file, run)
+                rows.extend(_with_memory_probe(run_file, run, runner_config, config, cache, stats))
     rows.sort(key=lambda row: (row["d_sae"], row["k"]))
 
     results = {
@@ -375,12 +374,36 @@ def _package_version() -> str:
         return "unknown"
 
 
-def _finished_run(path: Path, fingerprint: str, rerun: bool) -> list[dict[str, Any]] | None:
-    """The rows of a run finished earlier under the same settings, else ``None``."""
+def _finished_run(path: Path, fingerprint: str, rerun: bool) -> dict[str, Any] | None:
+    """A run finished earlier under the same settings (its stored file), else ``None``."""
     if rerun or not path.is_file():
         return None
     stored = json.loads(path.read_text())
-    return stored["rows"] if stored.get("fingerprint") == fingerprint else None
+    return stored if stored.get("fingerprint") == fingerprint else None
+
+
+def _with_memory_probe(
+    run_file: Path,
+    run: dict[str, Any],
+    runner_config: LanguageModelSAERunnerConfig[Any],
+    config: BenchConfig,
+    cache: ActivationCache,
+    statistics: tuple[float, torch.Tensor],
+) -> list[dict[str, Any]]:
+    """The run's rows with ``peak_memory_mb`` from :func:`probe_peak_memory`.
+
+    Probed once per run and stored in its file (``memory_probe``), so resuming does not
+    repeat it; ``--no-memory-probe`` leaves the figure out (``None``).
+    """
+    if "memory_probe" not in run and config.memory_probe:
+        batches = itertools.islice(cache.train_batches(config.batch_size, seed=config.seed), 4)
+        run["memory_probe"] = {
+            "peak_memory_mb": probe_peak_memory(runner_config, list(batches), statistics),
+            "steps": 4,
+        }
+        write_json(run_file, run)
+    peak = run.get("memory_probe", {}).get("peak_memory_mb")
+    return [{**row, "peak_memory_mb": peak} for row in run["rows"]]
 
 
 def _now() -> str:
@@ -452,22 +475,19 @@ def _sae_options(
     return options
 
 
-def _train(
+def _runner_config(
     architecture: str,
     k: float,
     d_sae: int,
     config: BenchConfig,
-    cache: ActivationCache,
-    statistics: tuple[float, torch.Tensor],
+    d_in: int,
+    aux_variant: str | None,
     show_progress: bool,
-    *,
-    aux_variant: str | None = None,
-) -> tuple[TrainingSAE[Any], dict[str, Any]]:
-    """One run through SAELens's ``SAETrainer``; returns the SAE and its cost figures."""
-    scaling_factor = statistics[0]
-    runner_config = make_runner_config(
+) -> LanguageModelSAERunnerConfig[Any]:
+    """The SAELens runner config of one run: everything but the architecture is shared."""
+    return make_runner_config(
         architecture,
-        **_sae_options(architecture, k, d_sae, config, cache.d_in, aux_variant),
+        **_sae_options(architecture, k, d_sae, config, d_in, aux_variant),
         training_tokens=config.total_training_tokens,
         train_batch_size_tokens=config.batch_size,
         lr=config.lr,
@@ -481,25 +501,33 @@ def _train(
         log_to_wandb=False,
         verbose=show_progress,
     )
+
+
+def _train(
+    runner_config: LanguageModelSAERunnerConfig[Any],
+    k: float,
+    config: BenchConfig,
+    cache: ActivationCache,
+    statistics: tuple[float, torch.Tensor],
+) -> tuple[TrainingSAE[Any], dict[str, Any]]:
+    """One run through SAELens's ``SAETrainer``; returns the SAE and its time figures."""
     sae, trainer = new_sae_and_trainer(
         runner_config, cache.train_batches(config.batch_size, seed=config.seed), statistics
     )
     extra: dict[str, Any] = {}
-    if architecture == "jumprelu":
+    if runner_config.sae.architecture() == "jumprelu":
         extra["jumprelu_init_threshold"] = _init_jumprelu_threshold(
-            sae, cache.train_batches(config.batch_size, seed=config.seed + 1), scaling_factor, k
+            sae, cache.train_batches(config.batch_size, seed=config.seed + 1), statistics[0], k
         )
         extra["jumprelu_l0_coefficient"] = config.jumprelu_l0_coefficient
-    with peak_memory(config.device) as peak:
-        start = time.perf_counter()
-        trainer.fit()
-        if config.device == "cuda":
-            torch.cuda.synchronize()
-        seconds = time.perf_counter() - start
+    start = time.perf_counter()
+    trainer.fit()
+    if config.device == "cuda":
+        torch.cuda.synchronize()
+    seconds = time.perf_counter() - start
     return sae, {
         "train_seconds": seconds,
         "train_tokens_per_s": config.total_training_tokens / seconds,
-        "peak_memory_mb": peak["mb"],
         **extra,
     }
 
@@ -708,6 +736,41 @@ def _rss_bytes() -> int:
         return int(statm.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
 
 
+def probe_peak_memory(
+    runner_config: LanguageModelSAERunnerConfig[Any],
+    batches: Sequence[torch.Tensor],
+    statistics: tuple[float, torch.Tensor],
+) -> float:
+    """Peak memory of training (weights, gradients, optimizer state, temporaries), in MB.
+
+    Runs ``len(batches)`` training steps of a fresh SAE in a fresh (spawned) process. Measured
+    inside a long-lived process the figure is wrong for every run but the first: memory an
+    earlier run freed stays resident in the allocator and is reused without raising the RSS
+    (a fast run after a dense one read 44 MB instead of 173 MB). Memory per step is steady
+    after the first optimizer step, so a few steps give the run's peak.
+    """
+    context = torch.multiprocessing.get_context("spawn")
+    with context.Pool(1) as pool:
+        return float(
+            pool.apply(_probe_in_child, (runner_config, torch.stack(list(batches)), statistics))
+        )
+
+
+def _probe_in_child(
+    runner_config: LanguageModelSAERunnerConfig[Any],
+    batches: torch.Tensor,
+    statistics: tuple[float, torch.Tensor],
+) -> float:
+    batches = batches.clone()  # private pages, resident before the baseline
+    gc.collect()
+    with peak_memory(runner_config.device) as peak:
+        _, trainer = new_sae_and_trainer(runner_config, iter(batches), statistics)
+        for batch in batches:
+            trainer.step(batch)
+            trainer.n_training_steps += 1
+    return peak["mb"]
+
+
 def machine_info() -> dict[str, Any]:
     """CPU model, core count and GPU (if any): what a benchmark number means depends on them."""
     cpu = platform.processor() or platform.machine()
@@ -754,6 +817,8 @@ def markdown_table(rows: Sequence[Mapping[str, Any]]) -> str:
         cells = [
             f"{row['l0_p5']:.0f}/{row['l0_p50']:.0f}/{row['l0_p95']:.0f}"
             if key is None
+            else "-"
+            if row[key] is None
             else template.format(row[key])
             for _, key, template in _TABLE_COLUMNS
         ]
@@ -917,6 +982,12 @@ def build_parser() -> argparse.ArgumentParser:
         " (default: reuse them, so an interrupted benchmark resumes)",
     )
     parser.add_argument(
+        "--no-memory-probe",
+        dest="memory_probe",
+        action="store_false",
+        help="skip the per-run peak-memory probe in a fresh process (peak MB reads -)",
+    )
+    parser.add_argument(
         "--quick",
         action="store_true",
         help="tiny shapes (about a minute on an idle 2-core CPU); options given explicitly"
@@ -957,6 +1028,7 @@ def config_from_args(args: argparse.Namespace) -> BenchConfig:
         output=args.output,
         seed=args.seed,
         rerun=args.rerun,
+        memory_probe=args.memory_probe,
     )
     return config
 

@@ -5,13 +5,14 @@ Trains, from the same initial weights on the same cached SmolLM2 activations, SA
 reference) and with the fast sparse path, each through SAELens's ``SAETrainer.step`` (so
 optimizer, gradient clipping and dead-latent bookkeeping are timed too). Reported per run:
 tokens/s over the timed steps (after warm-up), the median step time, the speed-up over the
-built-in, peak memory, and the fraction of the machine's peak matmul throughput the step
-reaches counting only the work it must do (the dense encoder forward plus the sparse
-decode/backward). The fast and dense runs of our architecture are compared step by step:
-their MSE curves must agree to float rounding, against a step-to-step change that is orders
-of magnitude larger. Dead latents are declared after ``--dead-window-steps`` so that every
-run's AuxK path is exercised and timed. The selection alone is timed too: the fast exact batch
-top-k against ``torch.topk`` over all ``tokens x d_sae`` entries, on the same pre-activations.
+built-in, peak memory (measured in a fresh process by ``bench.probe_peak_memory``), and the
+fraction of the machine's peak matmul throughput the step reaches counting only the work it
+must do (the dense encoder forward plus the sparse decode/backward). The fast and dense runs
+of our architecture are compared step by step: their MSE curves must agree to float rounding,
+against a step-to-step change that is orders of magnitude larger. Dead latents are declared
+after ``--dead-window-steps`` so that every run's AuxK path is exercised and timed. The
+selection alone is timed too: the fast exact batch top-k against ``torch.topk`` over all
+``tokens x d_sae`` entries, on the same pre-activations.
 """
 
 from __future__ import annotations
@@ -43,7 +44,7 @@ from sae_lens_batchtopk.bench import (
     load_model_and_cache,
     machine_info,
     new_sae_and_trainer,
-    peak_memory,
+    probe_peak_memory,
     train_statistics,
     write_outputs,
 )
@@ -218,16 +219,15 @@ def time_training_steps(
     )
     sae, trainer = new_sae_and_trainer(runner_config, iter(batches), train_stats)
     seconds, mse, selected = [], [], []
-    with peak_memory(config.device) as peak:
-        for batch in batches:
-            _synchronize(config.device)
-            start = time.perf_counter()
-            output = trainer.step(batch)
-            trainer.n_training_steps += 1
-            _synchronize(config.device)
-            seconds.append(time.perf_counter() - start)
-            mse.append(float(output.losses["mse_loss"].detach()))
-            selected.append(float(output.feature_acts.bool().float().sum().to_dense()))
+    for batch in batches:
+        _synchronize(config.device)
+        start = time.perf_counter()
+        output = trainer.step(batch)
+        trainer.n_training_steps += 1
+        _synchronize(config.device)
+        seconds.append(time.perf_counter() - start)
+        mse.append(float(output.losses["mse_loss"].detach()))
+        selected.append(float(output.feature_acts.bool().float().sum().to_dense()))
     timed = seconds[config.warmup_steps :]
     d_in = batches[0].shape[-1]
     # Work the step cannot avoid: the dense encoder forward, and per selected entry a
@@ -238,7 +238,7 @@ def time_training_steps(
         "fast_path": bool(getattr(sae.cfg, "fast_path", False)),
         "tokens_per_s": config.steps * config.batch_size / sum(timed),
         "median_step_s": statistics.median(timed),
-        "peak_memory_mb": peak["mb"],
+        "peak_memory_mb": probe_peak_memory(runner_config, batches[:4], train_stats),
         "required_flops_per_s": required / statistics.median(timed),
         "mse_loss": mse,
         "dead_fraction_end": float(trainer.dead_neurons.float().mean()),

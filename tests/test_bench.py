@@ -60,6 +60,7 @@ def tiny_config(tmp_path: Path, **overrides: object) -> bench.BenchConfig:
         "dead_window_tokens": 512,
         "cache_dir": tmp_path / "cache",
         "output": tmp_path / "out",
+        "memory_probe": False,  # a fresh process per run; one test below turns it on
     }
     settings.update(overrides)
     return bench.BenchConfig(**settings)  # type: ignore[arg-type]
@@ -96,10 +97,15 @@ def test_run_writes_every_row_and_reuses_the_cache_and_runs(
     cache_file = Path(first["cache"]["path"])
     written = cache_file.stat().st_mtime_ns
     second = bench.run_benchmark(
-        dataclasses.replace(config, architectures=("topk",), output=tmp_path / "again"),
+        dataclasses.replace(
+            config, architectures=("topk",), output=tmp_path / "again", memory_probe=True
+        ),
         model=smollm2,
         show_progress=False,
     )
+    assert second["rows"][0]["peak_memory_mb"] > 0  # measured in a fresh process
+    (run_file,) = (tmp_path / "again" / bench.RUNS_DIR).iterdir()
+    assert json.loads(run_file.read_text())["memory_probe"]["peak_memory_mb"] > 0
     assert second["cache"] == {"path": str(cache_file), "reused": True}
     assert cache_file.stat().st_mtime_ns == written
     assert list(cache_file.parent.iterdir()) == [cache_file]  # no leftover temporary files
@@ -175,7 +181,7 @@ def test_quick_sets_tiny_defaults_that_explicit_options_override() -> None:
 @needs_offline_assets
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
 def test_cuda_run(tmp_path: Path) -> None:
-    config = tiny_config(tmp_path, device="cuda", architectures=("batchtopk",))
+    config = tiny_config(tmp_path, device="cuda", architectures=("batchtopk",), memory_probe=True)
     results = bench.run_benchmark(config, show_progress=False)
     assert results["machine"]["gpu"]
     assert results["rows"][0]["peak_memory_mb"] > 0
