@@ -123,29 +123,41 @@ def feature_choice(hidden_pre: torch.Tensor, capacities: torch.Tensor) -> torch.
     many latents as chose it. Only positive (relu'd) activations count as chosen; a latent with
     fewer positive tokens than its capacity keeps all of them. Works over all leading dims.
     """
-    acts = hidden_pre.relu()
-    flat = acts.reshape(-1, acts.shape[-1])
-    m_max = min(int(capacities.max()), flat.shape[0]) if capacities.numel() else 0
-    if m_max == 0:
-        return torch.zeros_like(acts)
-    top = flat.topk(m_max, dim=0)  # (m_max, d_sae), sorted descending per latent
-    rank = torch.arange(m_max, device=flat.device)[:, None]
-    keep = rank < capacities.to(flat.device)[None, :]
+    flat = hidden_pre.reshape(-1, hidden_pre.shape[-1])
+    chosen = _feature_choice_top(flat, capacities)
+    if chosen is None:
+        return torch.zeros_like(hidden_pre)
+    top, keep = chosen
     values = torch.where(keep, top.values, torch.zeros((), dtype=flat.dtype, device=flat.device))
-    return torch.zeros_like(flat).scatter(0, top.indices, values).view_as(acts)
+    return torch.zeros_like(flat).scatter(0, top.indices, values).view_as(hidden_pre)
 
 
 def feature_choice_indices(hidden_pre: torch.Tensor, capacities: torch.Tensor) -> torch.Tensor:
     """Row-major flat indices of the positive entries :func:`feature_choice` keeps, ascending."""
     flat = hidden_pre.reshape(-1, hidden_pre.shape[-1])
+    chosen = _feature_choice_top(flat, capacities)
+    if chosen is None:
+        return torch.zeros(0, dtype=torch.long, device=flat.device)
+    top, keep = chosen
+    latents = torch.arange(flat.shape[1], device=flat.device).expand_as(keep)
+    return (top.indices[keep] * flat.shape[1] + latents[keep]).sort().values
+
+
+def _feature_choice_top(
+    flat: torch.Tensor, capacities: torch.Tensor
+) -> tuple[torch.return_types.topk, torch.Tensor] | None:
+    """Each latent's top tokens (``(m_max, d_sae)``, descending) and which of them it keeps.
+
+    A latent keeps its first ``capacities[j]`` tokens whose pre-activation is positive.
+    ``None`` when no latent may keep any token.
+    """
     m_max = min(int(capacities.max()), flat.shape[0]) if capacities.numel() else 0
     if m_max == 0:
-        return torch.zeros(0, dtype=torch.long, device=flat.device)
+        return None
     top = flat.topk(m_max, dim=0)
     rank = torch.arange(m_max, device=flat.device)[:, None]
     keep = (rank < capacities.to(flat.device)[None, :]) & (top.values > 0)
-    latents = torch.arange(flat.shape[1], device=flat.device).expand_as(keep)
-    return (top.indices[keep] * flat.shape[1] + latents[keep]).sort().values
+    return top, keep
 
 
 def zipf_weights(d_sae: int, exponent: float) -> torch.Tensor:
