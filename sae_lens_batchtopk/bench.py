@@ -70,7 +70,12 @@ from sae_lens_batchtopk.activation_cache import (
     load_or_create_activation_cache,
 )
 from sae_lens_batchtopk.aux_losses import registered_aux_losses
-from sae_lens_batchtopk.calibration import METHODS, calibrate_thresholds, check_token_budget
+from sae_lens_batchtopk.calibration import (
+    METHODS,
+    applicable_methods,
+    calibrate_thresholds,
+    check_token_budget,
+)
 from sae_lens_batchtopk.evaluation import reconstruction_stats
 from sae_lens_batchtopk.offline import default_cache_dir, load_smollm2, special_token_ids
 from sae_lens_batchtopk.report import write_atomically, write_json
@@ -89,6 +94,8 @@ JSON_FILE = "bench.json"
 MARKDOWN_FILE = "bench.md"
 PLOT_FILE = "nmse_vs_l0.png"
 SECTION_FILE = "BENCHMARKS_section.md"
+# Training steps the peak-memory probe runs: memory is steady after the first optimizer step.
+MEMORY_PROBE_STEPS = 4
 # One JSON file per finished training run, so an interrupted benchmark resumes where it stopped.
 RUNS_DIR = "runs"
 # Settings that choose which runs exist rather than what any run computes.
@@ -396,10 +403,12 @@ def _with_memory_probe(
     repeat it; ``--no-memory-probe`` leaves the figure out (``None``).
     """
     if "memory_probe" not in run and config.memory_probe:
-        batches = itertools.islice(cache.train_batches(config.batch_size, seed=config.seed), 4)
+        batches = itertools.islice(
+            cache.train_batches(config.batch_size, seed=config.seed), MEMORY_PROBE_STEPS
+        )
         run["memory_probe"] = {
             "peak_memory_mb": probe_peak_memory(runner_config, list(batches), statistics),
-            "steps": 4,
+            "steps": MEMORY_PROBE_STEPS,
         }
         write_json(run_file, run)
     peak = run.get("memory_probe", {}).get("peak_memory_mb")
@@ -601,8 +610,7 @@ def _inference_saes(
         yield "ema", CalibratedBatchTopKSAE.from_sae(trained), {}
     elif architecture in CALIBRATED_ARCHITECTURES:
         n_tokens = sum(batch.shape[0] for batch in calibration)
-        methods = [m for m in METHODS if architecture != FEATURE_CHOICE or m != "paper"]
-        for method in methods:
+        for method in applicable_methods(trained):
             result = calibrate_thresholds(trained, calibration, method=method, n_tokens=n_tokens)
             extra = {
                 "calibration_theta": result.theta,

@@ -105,6 +105,18 @@ class _Target:
     capacities: Callable[[int], torch.Tensor] | None = None
 
 
+def applicable_methods(sae: SAE[Any]) -> tuple[str, ...]:
+    """The calibration methods that mean something for ``sae``.
+
+    All of :data:`METHODS`, except ``"paper"`` for a ``feature_choice`` SAE: there the batch
+    minimum of the selected values is the lowest of ``d_sae`` per-latent cut-offs, so the
+    averaged θ fires at many times the target L0.
+    """
+    if isinstance(sae, FeatureChoiceTrainingSAE):
+        return tuple(method for method in METHODS if method != "paper")
+    return METHODS
+
+
 def calibrate_thresholds(
     sae: SAE[Any],
     activations: Iterable[torch.Tensor],
@@ -143,7 +155,7 @@ def calibrate_thresholds(
     target = _target_for(sae, k)
     if method not in METHODS:
         raise ValueError(f"method must be one of {METHODS}, got method={method!r}")
-    if method == "paper" and target.capacities is not None:
+    if method not in applicable_methods(sae):
         raise ValueError(
             "method='paper' does not apply to a feature_choice SAE: its batch minimum is the"
             " lowest per-latent cut-off and fires far above k; use 'per_latent' or 'l0'"

@@ -40,6 +40,7 @@ from transformer_lens import HookedTransformer
 
 from sae_lens_batchtopk.activation_cache import CacheSpec
 from sae_lens_batchtopk.bench import (
+    MEMORY_PROBE_STEPS,
     MODEL_NAME,
     load_model_and_cache,
     machine_info,
@@ -238,7 +239,9 @@ def time_training_steps(
         "fast_path": bool(getattr(sae.cfg, "fast_path", False)),
         "tokens_per_s": config.steps * config.batch_size / sum(timed),
         "median_step_s": statistics.median(timed),
-        "peak_memory_mb": probe_peak_memory(runner_config, batches[:4], train_stats),
+        "peak_memory_mb": probe_peak_memory(
+            runner_config, batches[:MEMORY_PROBE_STEPS], train_stats
+        ),
         "required_flops_per_s": required / statistics.median(timed),
         "mse_loss": mse,
         "dead_fraction_end": float(trainer.dead_neurons.float().mean()),
