@@ -58,6 +58,7 @@ matplotlib.use("Agg")
 
 import matplotlib.pyplot as plt
 import torch
+from matplotlib.ticker import FuncFormatter, NullFormatter
 from sae_lens.config import LanguageModelSAERunnerConfig
 from sae_lens.registry import SAE_TRAINING_CLASS_REGISTRY
 from sae_lens.saes.sae import SAE, TrainingSAE
@@ -835,22 +836,40 @@ def markdown_table(rows: Sequence[Mapping[str, Any]]) -> str:
 
 
 def nmse_vs_l0_figure(rows: Sequence[Mapping[str, Any]]) -> plt.Figure:
-    """NMSE against held-out inference L0, one line per run and d_sae across the k values."""
-    figure, axes = plt.subplots(figsize=(7, 4.5))
+    """NMSE against held-out inference L0, one line per run and d_sae across the k values.
+
+    Log-log, as in the papers: the runs worth comparing differ by a few percent in NMSE and
+    would be flattened on a linear axis by a failed run an order of magnitude above them. The
+    L0 axis is ticked at the target budgets ``k`` in plain numbers, which stays readable when
+    every run sits near a single k. One colour per line (a table can hold more than ten runs)
+    and one marker per architecture, with the legend outside the axes so it hides no point.
+    """
+    figure, axes = plt.subplots(figsize=(9, 4.5))
     groups: dict[tuple[str, int], list[Mapping[str, Any]]] = {}
     for row in rows:
         groups.setdefault((row["label"], row["d_sae"]), []).append(row)
-    for (label, d_sae), group in groups.items():
+    colours = matplotlib.colormaps["tab20"].resampled(max(len(groups), 2))
+    markers = dict(zip(sorted({row["architecture"] for row in rows}), itertools.cycle("osD^vP*X")))
+    several_sizes = len({row["d_sae"] for row in rows}) > 1
+    for index, ((label, d_sae), group) in enumerate(groups.items()):
         group = sorted(group, key=lambda row: row["l0_mean"])
-        name = label if len({row["d_sae"] for row in rows}) == 1 else f"{label} (d_sae {d_sae})"
         axes.plot(
-            [row["l0_mean"] for row in group], [row["nmse"] for row in group], "o-", label=name
+            [row["l0_mean"] for row in group],
+            [row["nmse"] for row in group],
+            linestyle="-",
+            marker=markers[group[0]["architecture"]],
+            color=colours(index),
+            label=f"{label} (d_sae {d_sae})" if several_sizes else label,
         )
     axes.set_xscale("log")
-    axes.set_xlabel("held-out inference L0 (mean)")
-    axes.set_ylabel("normalized MSE (held-out)")
+    axes.set_yscale("log")
+    axes.set_xticks(sorted({float(row["k"]) for row in rows}))
+    axes.xaxis.set_major_formatter(FuncFormatter(lambda value, _: f"{value:g}"))
+    axes.xaxis.set_minor_formatter(NullFormatter())
+    axes.set_xlabel("held-out inference L0 (mean; ticks at the target k)")
+    axes.set_ylabel("normalized MSE (held-out, log)")
     axes.grid(True, which="both", alpha=0.3)
-    axes.legend(fontsize=8)
+    axes.legend(fontsize=7, loc="center left", bbox_to_anchor=(1.01, 0.5))
     figure.tight_layout()
     return figure
 
