@@ -9,16 +9,24 @@ BatchTopK inference form), so runner configs, ``SAE.load_from_disk`` and
 from sae_lens_batchtopk.aux_losses import (
     AuxLossInputs,
     auxk_loss,
+    auxk_sae_lens_loss,
     register_aux_loss,
     registered_aux_losses,
     zipf_loss,
 )
+from sae_lens_batchtopk.calibration import (
+    CalibrationError,
+    CalibrationResult,
+    calibrate_thresholds,
+)
+from sae_lens_batchtopk.finite import NonFiniteError
 from sae_lens_batchtopk.registry import register_architecture
 from sae_lens_batchtopk.runner import make_runner_config
 from sae_lens_batchtopk.saes.calibrated_batchtopk_sae import (
     ARCHITECTURE as CALIBRATED_BATCHTOPK,
 )
 from sae_lens_batchtopk.saes.calibrated_batchtopk_sae import (
+    BatchTopKView,
     CalibratedBatchTopKSAE,
     CalibratedBatchTopKSAEConfig,
     CalibratedBatchTopKTrainingSAE,
@@ -46,14 +54,20 @@ __all__ = [
     "CALIBRATED_BATCHTOPK",
     "FEATURE_CHOICE",
     "AuxLossInputs",
+    "BatchTopKView",
     "CalibratedBatchTopKSAE",
     "CalibratedBatchTopKSAEConfig",
     "CalibratedBatchTopKTrainingSAE",
     "CalibratedBatchTopKTrainingSAEConfig",
+    "CalibrationError",
+    "CalibrationResult",
     "FeatureChoiceTrainingSAE",
     "FeatureChoiceTrainingSAEConfig",
+    "NonFiniteError",
     "auxk_loss",
+    "auxk_sae_lens_loss",
     "batch_topk",
+    "calibrate_thresholds",
     "feature_choice",
     "make_runner_config",
     "register_aux_loss",

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from dataclasses import dataclass
+from typing import Literal
 
 import torch
 
@@ -141,8 +142,32 @@ def zipf_loss(inputs: AuxLossInputs) -> torch.Tensor:
     return masked_residual_loss(inputs, inputs.underused_mask)
 
 
-def masked_residual_loss(inputs: AuxLossInputs, mask: torch.Tensor) -> torch.Tensor:
-    """The shared AuxK computation over the latents in ``mask`` (see :func:`auxk_loss`)."""
+def auxk_sae_lens_loss(inputs: AuxLossInputs) -> torch.Tensor:
+    """AuxK in SAELens's units: ``min(n_dead / k_aux, 1) · mean_t ||ê_t - e_t||²``.
+
+    What SAELens's ``topk``/``batchtopk`` train with (its ``aux_loss_coefficient``, default 1,
+    multiplies this), for reproducing a SAELens run: no variance normalisation, so its weight
+    relative to the main loss grows with the residual's scale and shrinks as reconstruction
+    improves; the scale ``min(n_dead / k_aux, 1)`` weakens it while few latents are dead.
+    ``e`` and ``ê`` are as in :func:`auxk_loss`; as there (and in Gao et al.), only positive
+    dead pre-activations decode, where SAELens also decodes negative ones.
+    """
+    n_dead = inputs.dead_mask.sum()
+    scale = (n_dead.float() / inputs.k_aux).clamp(max=1.0)
+    return scale * masked_residual_loss(inputs, inputs.dead_mask, units="squared_error")
+
+
+def masked_residual_loss(
+    inputs: AuxLossInputs,
+    mask: torch.Tensor,
+    *,
+    units: Literal["main_loss", "squared_error"] = "main_loss",
+) -> torch.Tensor:
+    """The shared AuxK computation over the latents in ``mask`` (see :func:`auxk_loss`).
+
+    ``units="main_loss"`` scales the error by ``Var(x) / Var(e)`` (Gao et al.'s ratio to the
+    main loss); ``"squared_error"`` returns the plain ``mean_t ||ê_t - e_t||²``.
+    """
     candidates = mask.nonzero().squeeze(1)
     if candidates.numel() == 0:
         return inputs.sae_out.new_zeros(())
@@ -158,6 +183,8 @@ def masked_residual_loss(inputs: AuxLossInputs, mask: torch.Tensor) -> torch.Ten
     residual = (inputs.sae_in - inputs.sae_out).detach()
     flat_residual = residual.reshape(-1, residual.shape[-1])
     error = (aux_recon.reshape_as(flat_residual) - flat_residual).pow(2).sum(-1).mean()
+    if units == "squared_error":
+        return error
     variance = _variance(flat_residual)
     scale = _variance(inputs.sae_in.reshape_as(flat_residual).detach()) / variance.clamp_min(1e-30)
     return torch.where(variance > 0, error * scale, error.new_zeros(()))
@@ -170,3 +197,4 @@ def _variance(rows: torch.Tensor) -> torch.Tensor:
 
 register_aux_loss("auxk", auxk_loss, sparse_ready=True)
 register_aux_loss("zipf", zipf_loss, sparse_ready=True)
+register_aux_loss("auxk_sae_lens", auxk_sae_lens_loss, sparse_ready=True)

@@ -25,7 +25,7 @@ depend only on the input order (no randomness, integer accumulation).
 from __future__ import annotations
 
 import math
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator, Mapping
 from dataclasses import asdict, dataclass
 from typing import Any, Literal
 
@@ -36,16 +36,18 @@ from sae_lens.saes.sae import SAE
 from tqdm.auto import tqdm
 
 from sae_lens_batchtopk.evaluation import reconstruction_stats
+from sae_lens_batchtopk.finite import NonFiniteError, require_finite
 from sae_lens_batchtopk.saes.calibrated_batchtopk_sae import (
+    METHODS,
     CalibratedBatchTopKSAE,
     CalibratedBatchTopKTrainingSAE,
     recorded_k,
 )
 from sae_lens_batchtopk.saes.feature_choice_sae import FeatureChoiceTrainingSAE
 from sae_lens_batchtopk.selection import n_selected
+from sae_lens_batchtopk.validation import check_average_l0, check_choice, check_token_budget
 
 CalibrationMethod = Literal["paper", "l0", "per_latent"]
-METHODS: tuple[str, ...] = ("paper", "l0", "per_latent")
 
 # Global histogram: float32 bits >> 12 keeps 11 mantissa bits (bins 0.05% wide), 2^19 bins.
 _GLOBAL_SHIFT = 12
@@ -55,11 +57,17 @@ _LATENT_SHIFT = 17
 _LATENT_BINADES = 32
 _LATENT_BINS = _LATENT_BINADES << (23 - _LATENT_SHIFT)
 
-# Minimum statistics behind a threshold: the target quantile must rest on this many firing
-# events in total ("l0"), or on this many per latent on average ("per_latent").
-MIN_EVENTS_GLOBAL = 1000
 _MAX_CHUNK_ENTRIES = 1 << 24
-MIN_EVENTS_PER_LATENT = 10
+# Tokens drawn from an iterable of unknown length (an ActivationsStore never ends) when the
+# caller passes no n_tokens.
+DEFAULT_STREAM_TOKENS = 1_000_000
+# A calibrated L0 further than this (relative) from its target means the SAE cannot reach the
+# target on these tokens (too few positive pre-activations, or broken weights): refuse it.
+MAX_L0_MISS = 0.05
+
+
+class CalibrationError(ValueError):
+    """Calibration could not reach its target; the SAE was left unchanged."""
 
 
 @dataclass(frozen=True)
@@ -101,20 +109,19 @@ class _Target:
     k: float
     d_sae: int
     set_thresholds: Callable[[torch.Tensor], None]
+    # The encoder and decoder, checked for NaN/inf before any work.
+    weights: Mapping[str, torch.Tensor]
     # Feature Choice's per-latent capacities for a batch of n tokens; None means batch top-k.
     capacities: Callable[[int], torch.Tensor] | None = None
 
 
 def applicable_methods(sae: SAE[Any]) -> tuple[str, ...]:
-    """The calibration methods that mean something for ``sae``.
+    """The calibration methods that mean something for ``sae``'s training rule.
 
-    All of :data:`METHODS`, except ``"paper"`` for a ``feature_choice`` SAE: there the batch
-    minimum of the selected values is the lowest of ``d_sae`` per-latent cut-offs, so the
-    averaged θ fires at many times the target L0.
+    A training config lists them (``calibration_methods``: Feature Choice has no ``"paper"``);
+    inference forms accept every method.
     """
-    if isinstance(sae, FeatureChoiceTrainingSAE):
-        return tuple(method for method in METHODS if method != "paper")
-    return METHODS
+    return tuple(getattr(sae.cfg, "calibration_methods", METHODS))
 
 
 def calibrate_thresholds(
@@ -123,7 +130,7 @@ def calibrate_thresholds(
     *,
     method: CalibrationMethod = "l0",
     target_l0: float | None = None,
-    n_tokens: int = 1_000_000,
+    n_tokens: int | None = None,
     k: float | None = None,
     chunk_tokens: int = 1024,
     show_progress: bool = False,
@@ -136,12 +143,14 @@ def calibrate_thresholds(
             ``JumpReLUSAE`` exported from a BatchTopK run (its threshold vector is replaced).
             Convert SAELens's built-in ``batchtopk`` training SAE first with
             ``CalibratedBatchTopKSAE.from_sae``.
-        activations: iterable of activation batches ``(..., d_in)``, e.g. an ``ActivationsStore``.
-            Batch boundaries matter for ``"paper"`` and ``"per_latent"`` (batch top-k is taken
-            per batch): pass batches of the training batch size.
+        activations: activation batches ``(..., d_in)``: a list, or a stream such as an
+            ``ActivationsStore``. Batch boundaries matter for ``"paper"`` and ``"per_latent"``
+            (batch top-k is taken per batch): pass batches of the training batch size.
         method: ``"l0"``, ``"per_latent"`` or ``"paper"`` (see the module docstring).
         target_l0: mean inference L0 to reach; defaults to ``k``.
-        n_tokens: calibration tokens to draw; the iterable must provide at least this many.
+        n_tokens: calibration tokens to use. ``None``: every token of a list or tuple (counted
+            before any work), or the first :data:`DEFAULT_STREAM_TOKENS` of a stream of unknown
+            length (an ``ActivationsStore`` never ends), fewer if it ends first.
         k: the SAE's training k, needed only when the SAE does not record it.
         chunk_tokens: tokens encoded at once; bounds the ``chunk x d_sae`` working memory.
         show_progress: show a progress bar.
@@ -149,39 +158,60 @@ def calibrate_thresholds(
     Raises:
         TypeError: the SAE is of an architecture this cannot calibrate.
         ValueError: bad ``method``, ``target_l0``, ``n_tokens``; too few tokens for a reliable
-            threshold; NaN or infinite activations; the iterable ran out early. The SAE is
-            left untouched whenever an error is raised.
+            threshold (before any work when the count is known); the activations ran out
+            before ``n_tokens``.
+        NonFiniteError: the SAE's weights or the activations hold NaN or inf.
+        CalibrationError: the achieved L0 misses the target by more than :data:`MAX_L0_MISS`.
+        The SAE is left untouched whenever an error is raised.
     """
     target = _target_for(sae, k)
-    if method not in METHODS:
-        raise ValueError(f"method must be one of {METHODS}, got method={method!r}")
+    check_choice("method", method, METHODS)
     if method not in applicable_methods(sae):
         raise ValueError(
-            "method='paper' does not apply to a feature_choice SAE: its batch minimum is the"
-            " lowest per-latent cut-off and fires far above k; use 'per_latent' or 'l0'"
+            f"method={method!r} does not apply to {sae.cfg.architecture()}: use one of"
+            f" {list(applicable_methods(sae))}"
         )
     if target_l0 is None:
         target_l0 = target.k
-    if isinstance(target_l0, bool) or not isinstance(target_l0, (int, float)):
-        raise TypeError(f"target_l0 must be a number, got {target_l0!r}")
-    if not (0 < target_l0 <= target.d_sae):
-        raise ValueError(f"target_l0 must be in (0, d_sae={target.d_sae}], got {target_l0}")
+    check_average_l0("target_l0", target_l0, target.d_sae)
+    available = _count_tokens(activations)
+    if n_tokens is None:
+        n_tokens = available if available is not None else DEFAULT_STREAM_TOKENS
+        must_fill = available is not None
+    else:
+        must_fill = True
+        if available is not None and available < n_tokens:
+            raise ValueError(
+                f"n_tokens={n_tokens} but the activations hold {available} tokens; lower"
+                " n_tokens or pass more activations. The SAE was not changed"
+            )
     check_token_budget(method, n_tokens, float(target_l0), target.d_sae)
     if chunk_tokens <= 0:
         raise ValueError(f"chunk_tokens must be > 0, got {chunk_tokens}")
+    require_finite(target.weights, "refusing to calibrate; the SAE was not changed")
 
     # Cap a chunk's pre-activations at 2^24 entries (64 MB in float32) whatever d_sae is.
     chunk_tokens = max(1, min(chunk_tokens, _MAX_CHUNK_ENTRIES // target.d_sae))
     stats = _Statistics(target.d_sae, per_latent=method == "per_latent")
     with torch.no_grad():
-        for batch in _take_tokens(activations, n_tokens, show_progress):
+        for batch in _take_tokens(activations, n_tokens, show_progress, must_fill=must_fill):
             stats.add_batch(batch, target, chunk_tokens)
+    if not must_fill:
+        # A stream that ended early: its length was unknown, so the budget is checked now.
+        check_token_budget(method, stats.n_tokens, float(target_l0), target.d_sae)
 
     thresholds, achieved = {
         "paper": stats.paper_thresholds,
         "l0": stats.global_thresholds,
         "per_latent": stats.per_latent_thresholds,
     }[method](float(target_l0))
+    if method != "paper" and abs(achieved - target_l0) > MAX_L0_MISS * target_l0:
+        raise CalibrationError(
+            f"calibration reached L0 {achieved:.3f} on {stats.n_tokens} tokens for target"
+            f" {target_l0} ({(achieved - target_l0) / target_l0:+.1%}): the SAE cannot fire"
+            " that often on these activations (too few positive pre-activations). The SAE"
+            " was not changed"
+        )
     target.set_thresholds(thresholds)
     return CalibrationResult(
         method=method,
@@ -195,34 +225,23 @@ def calibrate_thresholds(
     )
 
 
-def check_token_budget(method: str, n_tokens: int, target_l0: float, d_sae: int) -> None:
-    """Refuse, before any work, a token count too small for a reliable threshold.
-
-    Public so that callers planning calibration (the benchmark's splits) can check up front.
-    """
-    if isinstance(n_tokens, bool) or not isinstance(n_tokens, int) or n_tokens <= 0:
-        raise ValueError(f"n_tokens must be a positive integer, got {n_tokens!r}")
-    if method == "per_latent":
-        needed = math.ceil(MIN_EVENTS_PER_LATENT * d_sae / target_l0)
-        reason = f"{MIN_EVENTS_PER_LATENT} firings per latent on average"
-    else:
-        needed = math.ceil(MIN_EVENTS_GLOBAL / target_l0)
-        reason = f"{MIN_EVENTS_GLOBAL} firing events"
-    if n_tokens < needed:
-        raise ValueError(
-            f"n_tokens={n_tokens} is too few for method={method!r} at target L0 {target_l0}:"
-            f" a reliable threshold needs {reason}, i.e. n_tokens >= {needed}"
-        )
+def _count_tokens(activations: Iterable[torch.Tensor]) -> int | None:
+    """Tokens in a list or tuple of batches; ``None`` for streams (unknown, maybe endless)."""
+    if not isinstance(activations, (list, tuple)):
+        return None
+    return sum(batch.shape[:-1].numel() for batch in activations)
 
 
 def _target_for(sae: SAE[Any], k: float | None) -> _Target:
     """Adapt each supported SAE class to (pre-activations, k, threshold setter)."""
+    weights = {name: getattr(sae, name) for name in ("W_enc", "b_enc", "W_dec", "b_dec")}
     if isinstance(sae, CalibratedBatchTopKTrainingSAE):
         return _Target(
             pre_activations=lambda x: sae.encode_with_hidden_pre(x)[1],
             k=k if k is not None else sae.cfg.k,
             d_sae=sae.cfg.d_sae,
             set_thresholds=sae.set_thresholds,
+            weights=weights,
             capacities=sae.capacities if isinstance(sae, FeatureChoiceTrainingSAE) else None,
         )
     if isinstance(sae, CalibratedBatchTopKSAE):
@@ -231,6 +250,7 @@ def _target_for(sae: SAE[Any], k: float | None) -> _Target:
             k=k if k is not None else sae.cfg.k,
             d_sae=sae.cfg.d_sae,
             set_thresholds=sae.set_thresholds,
+            weights=weights,
         )
     if isinstance(sae, JumpReLUSAE):
         recorded = recorded_k(sae)
@@ -248,6 +268,7 @@ def _target_for(sae: SAE[Any], k: float | None) -> _Target:
             k=float(k if k is not None else recorded),  # type: ignore[arg-type]
             d_sae=sae.cfg.d_sae,
             set_thresholds=set_jumprelu_thresholds,
+            weights=weights,
         )
     if isinstance(sae, BatchTopKTrainingSAE):
         raise TypeError(
@@ -261,16 +282,21 @@ def _target_for(sae: SAE[Any], k: float | None) -> _Target:
 
 
 def _take_tokens(
-    activations: Iterable[torch.Tensor], n_tokens: int, show_progress: bool
+    activations: Iterable[torch.Tensor], n_tokens: int, show_progress: bool, *, must_fill: bool
 ) -> Iterator[torch.Tensor]:
-    """Yield ``(n, d_in)`` batches until exactly ``n_tokens`` tokens were produced."""
+    """Yield ``(n, d_in)`` batches until ``n_tokens`` tokens were produced.
+
+    With ``must_fill`` running out first is an error; without it (a stream of unknown length
+    asked for no particular count) whatever it held is used.
+    """
     seen = 0
     with tqdm(total=n_tokens, desc="Calibrating thresholds", disable=not show_progress) as bar:
         for batch in activations:
             flat = batch.reshape(-1, batch.shape[-1])
             if not torch.isfinite(flat).all():
-                raise ValueError(
-                    "calibration activations contain NaN or inf; the SAE was not changed"
+                raise NonFiniteError(
+                    f"calibration activations contain NaN or inf (in the batch after {seen}"
+                    " tokens); the SAE was not changed"
                 )
             flat = flat[: n_tokens - seen]
             seen += flat.shape[0]
@@ -278,10 +304,11 @@ def _take_tokens(
             yield flat
             if seen >= n_tokens:
                 return
-    raise ValueError(
-        f"the activations ran out after {seen} tokens but n_tokens={n_tokens} were requested;"
-        " lower n_tokens or provide more activations. The SAE was not changed"
-    )
+    if must_fill:
+        raise ValueError(
+            f"the activations ran out after {seen} tokens but n_tokens={n_tokens} were"
+            " requested; lower n_tokens or provide more activations. The SAE was not changed"
+        )
 
 
 def _float_bits(values: torch.Tensor) -> torch.Tensor:
@@ -492,7 +519,7 @@ def calibrate_with_report(
     *,
     method: CalibrationMethod = "l0",
     target_l0: float | None = None,
-    n_tokens: int = 1_000_000,
+    n_tokens: int | None = None,
     show_progress: bool = False,
 ) -> tuple[CalibrationResult, dict[str, dict[str, float]]]:
     """Calibrate, and measure held-out L0 and NMSE before and after, in both encode modes.
@@ -502,9 +529,12 @@ def calibrate_with_report(
     """
     before = CalibratedBatchTopKSAE.from_sae(sae)
     target = target_l0 if target_l0 is not None else before.cfg.k
-    report = {"threshold_before": reconstruction_stats(before, heldout_batches, target_l0=target)}
-    with before.batch_topk_mode():
-        report["batch_topk"] = reconstruction_stats(before, heldout_batches, target_l0=target)
+    report = {
+        "threshold_before": reconstruction_stats(before, heldout_batches, target_l0=target),
+        "batch_topk": reconstruction_stats(
+            before.batch_topk_view(), heldout_batches, target_l0=target
+        ),
+    }
     result = calibrate_thresholds(
         sae,
         calibration_batches,

@@ -33,7 +33,12 @@ import datasets
 import torch
 import yaml
 from sae_lens import SAE, LanguageModelSAERunnerConfig, TrainingSAE
-from sae_lens.constants import RUNNER_CFG_FILENAME, SAE_CFG_FILENAME
+from sae_lens.constants import (
+    RUNNER_CFG_FILENAME,
+    SAE_CFG_FILENAME,
+    SAE_WEIGHTS_FILENAME,
+    SPARSITY_FILENAME,
+)
 from sae_lens.llm_sae_training_runner import _run_cli
 from sae_lens.load_model import load_model
 from sae_lens.training.activations_store import ActivationsStore
@@ -42,7 +47,13 @@ from transformer_lens import loading_from_pretrained as tl_loading
 from transformer_lens.hook_points import HookedRootModule
 from transformers import AutoTokenizer, PreTrainedTokenizerBase
 
-from sae_lens_batchtopk.calibration import METHODS, calibrate_with_report, format_calibration_report
+from sae_lens_batchtopk.calibration import (
+    METHODS,
+    CalibrationError,
+    calibrate_with_report,
+    format_calibration_report,
+)
+from sae_lens_batchtopk.finite import NonFiniteError
 from sae_lens_batchtopk.offline import (
     OfflineAssetMissingError,
     load_smollm2,
@@ -51,13 +62,28 @@ from sae_lens_batchtopk.offline import (
     special_token_ids,
     tokenize_dataset,
 )
-from sae_lens_batchtopk.report import CURVES_FILE, write_json, write_report
+from sae_lens_batchtopk.report import (
+    CURVES_FILE,
+    CURVES_PLOT,
+    DENSITY_PLOT,
+    L0_PLOT,
+    METRICS_FILE,
+    REPORT_FILE,
+    write_json,
+    write_report,
+)
 from sae_lens_batchtopk.runner import draw_batches, make_runner_config
 from sae_lens_batchtopk.saes.calibrated_batchtopk_sae import (
     ARCHITECTURE,
     CalibratedBatchTopKSAE,
 )
 from sae_lens_batchtopk.training_curves import CurveRecordingRunner
+from sae_lens_batchtopk.validation import (
+    check_average_l0,
+    check_finite_number,
+    check_positive_int,
+    check_token_budget,
+)
 
 OFFLINE_MODEL = "smollm2-135m"
 OFFLINE_DATASET = "wikipedia-leads"
@@ -65,7 +91,16 @@ ALL_SPECIAL_TOKENS = "all_special"
 # Sequences at the end of the offline corpus that training never reads; evals use them.
 EVAL_SEQUENCES = 512
 DEFAULT_EVAL_TOKENS = 32_768
+# Calibration tokens for runs whose config records none (SAELens's built-in batchtopk).
+DEFAULT_CALIBRATION_TOKENS = 200_000
 DEFAULT_CE_EVAL_BATCHES = 4
+# Where `train CONFIG` writes when neither --output nor output_path says: runs/<config name>.
+DEFAULT_RUNS_DIR = Path("runs")
+# The files each command writes into a run folder. A command replaces only its own files and
+# keeps everything else the folder holds (notes, exports, other tools' files).
+REPORT_FILES = frozenset({METRICS_FILE, REPORT_FILE, L0_PLOT, DENSITY_PLOT, CURVES_PLOT})
+SAE_FILES = frozenset({SAE_CFG_FILENAME, SAE_WEIGHTS_FILENAME})
+TRAIN_FILES = SAE_FILES | REPORT_FILES | {RUNNER_CFG_FILENAME, SPARSITY_FILENAME, CURVES_FILE}
 PLUGIN_KEYS = {
     "architecture": "training architecture (default calibrated_batchtopk)",
     "eval_tokens": f"held-out tokens for reconstruction metrics (default {DEFAULT_EVAL_TOKENS})",
@@ -132,13 +167,9 @@ def _scientific_as_float(value: Any) -> Any:
     return float(value) if isinstance(value, str) and _SCIENTIFIC.match(value) else value
 
 
-def build_settings(options: dict[str, Any], output: Path | None) -> TrainSettings:
+def build_settings(options: dict[str, Any], output: Path) -> TrainSettings:
     """Validate every option that can be checked without the model; name the field on error."""
-    options = dict(options)
-    if output is not None:
-        options["output_path"] = str(output)
-    if not options.get("output_path"):
-        raise ConfigError("no output folder: set output_path in the config or pass --output DIR")
+    options = {**options, "output_path": str(output)}
     architecture = options.pop("architecture", ARCHITECTURE)
     eval_tokens = options.pop("eval_tokens", DEFAULT_EVAL_TOKENS)
     ce_eval_batches = options.pop("ce_eval_batches", DEFAULT_CE_EVAL_BATCHES)
@@ -274,25 +305,55 @@ def evaluate_into(
 
 
 @contextmanager
-def staged_folder(target: Path, *, replace: bool) -> Iterator[Path]:
-    """Yield an empty sibling folder; on success, rename it onto ``target``.
+def staged_folder(target: Path, *, owned: frozenset[str]) -> Iterator[Path]:
+    """Yield an empty sibling folder; on success it replaces ``target``'s ``owned`` files.
 
-    The old ``target`` (when ``replace``) is moved aside only after the new folder is complete,
-    and deleted after the rename, so a failure at any point leaves the old folder intact.
+    Everything else in ``target`` (the user's notes, exports, subfolders) is carried over by
+    hard link (a copy where links are impossible), so the command changes only its own files.
+    The swap is two renames: the old folder moves aside only once the new one is complete and
+    is deleted only after the new one is in place; an interruption between the renames puts
+    the old folder back. On any failure ``target`` is left as it was and the staging folder
+    is removed.
     """
     target.parent.mkdir(parents=True, exist_ok=True)
     staging = Path(tempfile.mkdtemp(prefix=f".{target.name}.staging-", dir=target.parent))
+    retired: Path | None = None
     try:
         yield staging
-        if replace and target.exists():
+        if target.exists():
+            _carry_over_unowned(target, staging, owned)
             retired = Path(tempfile.mkdtemp(prefix=f".{target.name}.old-", dir=target.parent))
             os.replace(target, retired / target.name)
-            os.replace(staging, target)
-            shutil.rmtree(retired)
-        else:
-            os.replace(staging, target)
+        os.replace(staging, target)
     finally:
+        if retired is not None:
+            if not target.exists():
+                os.replace(retired / target.name, target)
+            shutil.rmtree(retired, ignore_errors=True)
         shutil.rmtree(staging, ignore_errors=True)
+
+
+def _carry_over_unowned(source: Path, staging: Path, owned: frozenset[str]) -> None:
+    """Link every entry of ``source`` that the command does not own into ``staging``."""
+    for entry in source.iterdir():
+        if entry.name in owned:
+            continue
+        destination = staging / entry.name
+        if destination.exists() or destination.is_symlink():
+            raise RuntimeError(f"{entry.name} was written by a command that does not own it")
+        if entry.is_dir() and not entry.is_symlink():
+            shutil.copytree(entry, destination, symlinks=True, copy_function=_link_or_copy)
+        elif entry.is_symlink():
+            os.symlink(os.readlink(entry), destination)
+        else:
+            _link_or_copy(str(entry), str(destination))
+
+
+def _link_or_copy(source: str, destination: str) -> None:
+    try:
+        os.link(source, destination)
+    except OSError:
+        shutil.copy2(source, destination)
 
 
 def refuse_existing_output(output: Path, overwrite: bool) -> None:
@@ -305,10 +366,10 @@ def refuse_existing_output(output: Path, overwrite: bool) -> None:
     if output.exists() and not output.is_dir():
         raise ConfigError(f"output path {str(output)!r} exists and is not a folder")
     if output.is_dir() and any(output.iterdir()) and not overwrite:
-        # The finished run replaces the whole folder; say so now, not after training.
+        # Said now, not after training.
         raise ConfigError(
-            f"output folder {str(output)!r} is not empty; pass --overwrite to replace it or "
-            "--output to write elsewhere"
+            f"output folder {str(output)!r} is not empty; pass --overwrite to replace the run's"
+            " files there (other files are kept) or --output to write elsewhere"
         )
 
 
@@ -324,7 +385,10 @@ def prepare_training(
     Checks run against ``model`` when the caller already holds it, else against the model's
     weightless skeleton, so a dry run never loads weights.
     """
-    settings = build_settings(read_config(config_path, assignments), output)
+    options = read_config(config_path, assignments)
+    if output is None:
+        output = Path(options.get("output_path") or DEFAULT_RUNS_DIR / config_path.stem)
+    settings = build_settings(options, output)
     runner_cfg = settings.runner_cfg
     refuse_existing_output(Path(runner_cfg.output_path), overwrite)
     reference = model if model is not None else model_skeleton(runner_cfg.model_name)
@@ -362,12 +426,12 @@ def resolved_config_yaml(settings: TrainSettings) -> str:
     return yaml.safe_dump(resolved, sort_keys=True)
 
 
-def train(settings: TrainSettings, resources: Resources, *, overwrite: bool) -> Path:
+def train(settings: TrainSettings, resources: Resources) -> Path:
     """Train, calibrate and evaluate into a staging folder, then move it into place."""
     runner_cfg = settings.runner_cfg
     check_model_fit(runner_cfg, resources.model)
     target = Path(runner_cfg.output_path)
-    with staged_folder(target, replace=overwrite) as staging:
+    with staged_folder(target, owned=TRAIN_FILES) as staging:
         runner_cfg.output_path = str(staging)
         runner = CurveRecordingRunner(
             runner_cfg,
@@ -377,6 +441,7 @@ def train(settings: TrainSettings, resources: Resources, *, overwrite: bool) -> 
         runner.run()
         runner_cfg.output_path = str(target)
         write_json(staging / RUNNER_CFG_FILENAME, runner_cfg.to_dict())
+        write_json(staging / CURVES_FILE, runner.training_curves)
         sae = SAE.load_from_disk(staging, device=runner_cfg.device)
         evaluate_into(
             staging,
@@ -390,6 +455,19 @@ def train(settings: TrainSettings, resources: Resources, *, overwrite: bool) -> 
     return target
 
 
+def read_json(path: Path) -> dict[str, Any]:
+    """A JSON object from ``path``; a malformed file is a :class:`ConfigError` naming it."""
+    try:
+        data = json.loads(path.read_text())
+    except json.JSONDecodeError as error:
+        raise ConfigError(
+            f"{str(path)!r} is not valid JSON ({error}); restore or re-create it"
+        ) from None
+    if not isinstance(data, dict):
+        raise ConfigError(f"{str(path)!r} must hold a JSON object, got {type(data).__name__}")
+    return data
+
+
 def load_saved_run(sae_dir: Path) -> tuple[SAE[Any], LanguageModelSAERunnerConfig[Any]]:
     """A saved SAE (SAELens built-in batchtopk checkpoints converted) and its runner config."""
     if not (sae_dir / SAE_CFG_FILENAME).exists():
@@ -399,10 +477,8 @@ def load_saved_run(sae_dir: Path) -> tuple[SAE[Any], LanguageModelSAERunnerConfi
             f"{str(sae_dir)!r} has no {RUNNER_CFG_FILENAME}, so the model and data it was "
             "trained on are unknown; only SAEs saved by a training run can be used here"
         )
-    runner_cfg = LanguageModelSAERunnerConfig.from_dict(
-        json.loads((sae_dir / RUNNER_CFG_FILENAME).read_text())
-    )
-    architecture = json.loads((sae_dir / SAE_CFG_FILENAME).read_text()).get("architecture")
+    runner_cfg = LanguageModelSAERunnerConfig.from_dict(read_json(sae_dir / RUNNER_CFG_FILENAME))
+    architecture = read_json(sae_dir / SAE_CFG_FILENAME).get("architecture")
     if architecture == "batchtopk":
         sae: SAE[Any] = CalibratedBatchTopKSAE.from_sae(
             TrainingSAE.load_from_disk(sae_dir, device=runner_cfg.device)
@@ -413,16 +489,30 @@ def load_saved_run(sae_dir: Path) -> tuple[SAE[Any], LanguageModelSAERunnerConfi
 
 
 def evaluate_saved(sae_dir: Path, resources: Resources | None, *, eval_tokens: int) -> None:
+    """Recompute the report of a saved run; only the report files change."""
     sae, runner_cfg = load_saved_run(sae_dir)
     resources = resources or load_resources(runner_cfg)
-    evaluate_into(
-        sae_dir,
-        sae,
-        runner_cfg,
-        resources,
-        eval_tokens=eval_tokens,
-        ce_eval_batches=DEFAULT_CE_EVAL_BATCHES,
-    )
+    with staged_folder(sae_dir, owned=REPORT_FILES) as staging:
+        evaluate_into(
+            staging,
+            sae,
+            runner_cfg,
+            resources,
+            eval_tokens=eval_tokens,
+            ce_eval_batches=DEFAULT_CE_EVAL_BATCHES,
+            training_curves=saved_training_curves(sae_dir),
+        )
+
+
+def saved_training_curves(run_dir: Path) -> list[dict[str, float]] | None:
+    """The curves a training run recorded in ``run_dir``, to plot them again."""
+    path = run_dir / CURVES_FILE
+    if not path.exists():
+        return None
+    try:
+        return json.loads(path.read_text())
+    except json.JSONDecodeError as error:
+        raise ConfigError(f"{str(path)!r} is not valid JSON ({error})") from None
 
 
 def calibrate_saved(
@@ -440,8 +530,20 @@ def calibrate_saved(
     before/after report uses the eval slice. Returns the calibration report (Markdown).
     """
     sae, runner_cfg = load_saved_run(sae_dir)
+    if not isinstance(sae, CalibratedBatchTopKSAE):
+        raise ConfigError(
+            f"{str(sae_dir)!r} holds a {sae.cfg.architecture()} SAE; calibrate needs a"
+            " calibrated_batchtopk or batchtopk run"
+        )
+    if n_tokens is None:
+        n_tokens = getattr(runner_cfg.sae, "calibration_tokens", DEFAULT_CALIBRATION_TOKENS)
+    target = target_l0 if target_l0 is not None else sae.cfg.k
+    try:
+        check_average_l0("--target", target, sae.cfg.d_sae)
+        check_token_budget(method, n_tokens, target, sae.cfg.d_sae, field="--tokens")
+    except (TypeError, ValueError) as error:
+        raise ConfigError(str(error)) from None
     resources = resources or load_resources(runner_cfg)
-    n_tokens = n_tokens or getattr(runner_cfg.sae, "calibration_tokens", 200_000)
     train_data = resources.train_dataset
     if train_data is not None:
         consumed = -(-runner_cfg.training_tokens // runner_cfg.context_size)
@@ -463,10 +565,7 @@ def calibrate_saved(
         show_progress=True,
     )
     sae.cfg.metadata.calibration = {**result.to_metadata(), "heldout": heldout_report}
-    with staged_folder(sae_dir, replace=True) as staging:
-        for kept in (RUNNER_CFG_FILENAME, "sparsity.safetensors", CURVES_FILE):
-            if (sae_dir / kept).exists():
-                shutil.copy2(sae_dir / kept, staging / kept)
+    with staged_folder(sae_dir, owned=SAE_FILES | REPORT_FILES) as staging:
         sae.save_model(staging)
         evaluate_into(
             staging,
@@ -475,8 +574,31 @@ def calibrate_saved(
             resources,
             eval_tokens=eval_tokens,
             ce_eval_batches=DEFAULT_CE_EVAL_BATCHES,
+            training_curves=saved_training_curves(sae_dir),
         )
     return format_calibration_report(result, heldout_report)
+
+
+def positive_int(text: str) -> int:
+    """argparse type: an integer > 0 (argparse names the option in its error line)."""
+    try:
+        value = int(text)
+        check_positive_int("value", value)
+    except (TypeError, ValueError):
+        raise argparse.ArgumentTypeError(f"must be a positive integer, got {text!r}") from None
+    return value
+
+
+def positive_float(text: str) -> float:
+    """argparse type: a finite number > 0."""
+    try:
+        value = float(text)
+        check_finite_number("value", value, low=0.0)
+    except (TypeError, ValueError):
+        raise argparse.ArgumentTypeError(f"must be a positive number, got {text!r}") from None
+    if value == 0:
+        raise argparse.ArgumentTypeError(f"must be a positive number, got {text!r}")
+    return value
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -501,19 +623,28 @@ def build_parser() -> argparse.ArgumentParser:
         "--dry-run", action="store_true", help="validate and print the resolved config"
     )
     train_parser.add_argument("--overwrite", action="store_true", help="replace an existing SAE")
-    train_parser.add_argument("--output", type=Path, help="output folder (overrides output_path)")
+    train_parser.add_argument(
+        "--output", type=Path, help="output folder (default: output_path, else runs/<config name>)"
+    )
 
     eval_parser = commands.add_parser("eval", help="recompute metrics.json and report.md")
     eval_parser.add_argument("sae_dir", type=Path)
-    eval_parser.add_argument("--tokens", type=int, default=DEFAULT_EVAL_TOKENS)
+    eval_parser.add_argument("--tokens", type=positive_int, default=DEFAULT_EVAL_TOKENS)
 
     calibrate_parser = commands.add_parser("calibrate", help="recalibrate a saved SAE")
     calibrate_parser.add_argument("sae_dir", type=Path)
     calibrate_parser.add_argument("--method", choices=METHODS, required=True)
-    calibrate_parser.add_argument("--target", type=float, help="target L0 (default: k)")
-    calibrate_parser.add_argument("--tokens", type=int, help="calibration tokens")
     calibrate_parser.add_argument(
-        "--eval-tokens", type=int, default=DEFAULT_EVAL_TOKENS, help="tokens for the new report"
+        "--target", type=positive_float, help="target L0, in (0, d_sae] (default: k)"
+    )
+    calibrate_parser.add_argument(
+        "--tokens", type=positive_int, help="calibration tokens (default: the run's)"
+    )
+    calibrate_parser.add_argument(
+        "--eval-tokens",
+        type=positive_int,
+        default=DEFAULT_EVAL_TOKENS,
+        help="tokens for the new report",
     )
 
     commands.add_parser(
@@ -561,7 +692,7 @@ def main(argv: Sequence[str] | None = None, resources: Resources | None = None) 
                 print(resolved_config_yaml(settings), end="")
                 return 0
             resources = resources or load_resources(settings.runner_cfg)
-            print(f"wrote {train(settings, resources, overwrite=args.overwrite)}")
+            print(f"wrote {train(settings, resources)}")
         elif args.command == "eval":
             evaluate_saved(args.sae_dir, resources, eval_tokens=args.tokens)
             print(f"wrote {args.sae_dir / 'metrics.json'}")
@@ -579,4 +710,7 @@ def main(argv: Sequence[str] | None = None, resources: Resources | None = None) 
     except (ConfigError, OfflineAssetMissingError) as error:
         print(f"error: {' '.join(str(error).split())}", file=sys.stderr)
         return 2
+    except (NonFiniteError, CalibrationError) as error:
+        print(f"error: {' '.join(str(error).split())}; nothing was written", file=sys.stderr)
+        return 1
     return 0

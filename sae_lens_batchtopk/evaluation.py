@@ -10,10 +10,26 @@ from __future__ import annotations
 
 from collections.abc import Iterable
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Protocol
 
 import torch
-from sae_lens.saes.sae import SAE
+
+
+class Autoencoder(Protocol):
+    """What evaluation reads: an SAE, or a view of one that encodes another way."""
+
+    @property
+    def cfg(self) -> Any: ...
+
+    @property
+    def device(self) -> torch.device: ...
+
+    @property
+    def dtype(self) -> torch.dtype: ...
+
+    def encode(self, x: torch.Tensor) -> torch.Tensor: ...
+
+    def decode(self, feature_acts: torch.Tensor) -> torch.Tensor: ...
 
 
 @dataclass(frozen=True)
@@ -54,7 +70,7 @@ class HeldoutPass:
 
 
 @torch.no_grad()
-def heldout_pass(sae: SAE[Any], batches: Iterable[torch.Tensor]) -> HeldoutPass:
+def heldout_pass(sae: Autoencoder, batches: Iterable[torch.Tensor]) -> HeldoutPass:
     """Encode and decode every batch as given (which matters for batch-top-k modes)."""
     l0_per_token: list[torch.Tensor] = []
     squared_error = 0.0
@@ -75,7 +91,7 @@ def heldout_pass(sae: SAE[Any], batches: Iterable[torch.Tensor]) -> HeldoutPass:
 
 
 def reconstruction_stats(
-    sae: SAE[Any], batches: Iterable[torch.Tensor], *, target_l0: float | None = None
+    sae: Autoencoder, batches: Iterable[torch.Tensor], *, target_l0: float | None = None
 ) -> dict[str, float]:
     """:meth:`HeldoutPass.stats` of one pass of ``sae`` over ``batches``."""
     return heldout_pass(sae, batches).stats(target_l0)

@@ -113,8 +113,7 @@ def evaluate(
     )
     density = [float(value) for value in feature_metrics["feature_density"]]
     threshold_pass = heldout_pass(calibrated, heldout_batches)
-    with calibrated.batch_topk_mode():
-        batch_topk_pass = heldout_pass(calibrated, heldout_batches)
+    batch_topk_pass = heldout_pass(calibrated.batch_topk_view(), heldout_batches)
     threshold_stats = threshold_pass.stats(target_l0=k)
     batch_topk_stats = batch_topk_pass.stats(target_l0=k)
     metrics = {
@@ -158,9 +157,8 @@ def write_report(
 ) -> dict[str, Any]:
     """Evaluate ``sae`` and write metrics, plots and the Markdown report into ``output_dir``.
 
-    ``training_curves`` are saved when given; otherwise an existing ``training_curves.json``
-    in the folder (from the training run) is plotted again, so re-evaluating keeps the curves.
-    Returns the metrics written to ``metrics.json``.
+    ``training_curves`` (the training run's records) are plotted when given. Returns the
+    metrics written to ``metrics.json``.
     """
     metrics, density, per_token = evaluate(
         sae,
@@ -170,12 +168,6 @@ def write_report(
         ce_eval_batches=ce_eval_batches,
         exclude_special_tokens=exclude_special_tokens,
     )
-    curves_path = output_dir / CURVES_FILE
-    if training_curves is not None:
-        write_json(curves_path, training_curves)
-    elif curves_path.exists():
-        training_curves = json.loads(curves_path.read_text())
-
     _save_figure(output_dir / L0_PLOT, l0_histogram(per_token, metrics["k"]))
     _save_figure(output_dir / DENSITY_PLOT, density_histogram(density))
     plots = [L0_PLOT, DENSITY_PLOT]

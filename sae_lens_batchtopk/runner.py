@@ -8,6 +8,7 @@ each keyword to the object that owns it and refuses anything nobody owns.
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Iterable
 from dataclasses import fields
 from typing import Any
@@ -17,14 +18,21 @@ import wandb
 from sae_lens import LanguageModelSAETrainingRunner
 from sae_lens.config import LanguageModelSAERunnerConfig, LoggingConfig
 from sae_lens.registry import SAE_TRAINING_CLASS_REGISTRY
+from sae_lens.saes.batchtopk_sae import BatchTopKTrainingSAEConfig
 from sae_lens.saes.sae import TrainingSAE
+from sae_lens.training.optim import get_lr_scheduler
 from typing_extensions import override
 
 from sae_lens_batchtopk.calibration import CalibrationResult, calibrate_with_report
 from sae_lens_batchtopk.saes.calibrated_batchtopk_sae import (
     ARCHITECTURE,
     CalibratedBatchTopKTrainingSAE,
+    CalibratedBatchTopKTrainingSAEConfig,
 )
+from sae_lens_batchtopk.selection import n_selected
+from sae_lens_batchtopk.validation import check_finite_number, check_positive_int
+
+logger = logging.getLogger(__name__)
 
 # Options that both the runner and the SAE config carry; they must agree, so one keyword sets both.
 _SHARED_FIELDS = frozenset({"device", "dtype"})
@@ -75,7 +83,95 @@ def make_runner_config(
         runner_kwargs["logger"] = LoggingConfig(**logger_kwargs)
 
     sae_config = _training_config_class(architecture)(**sae_kwargs)
-    return LanguageModelSAERunnerConfig(sae=sae_config, **runner_kwargs)
+    runner_cfg = LanguageModelSAERunnerConfig(sae=sae_config, **runner_kwargs)
+    validate_runner_config(runner_cfg)
+    record_dead_window(runner_cfg)
+    return runner_cfg
+
+
+def validate_runner_config(cfg: LanguageModelSAERunnerConfig[Any]) -> None:
+    """Refuse, before any model is loaded, runner settings that would fail or mislead later.
+
+    SAELens checks few runner fields: ``lr=nan`` or ``train_batch_size_tokens=0`` pass its
+    constructor and crash (or train NaNs) after the model has loaded. Every check here names
+    the field; the learning-rate schedule is checked by building SAELens's own scheduler.
+    """
+    for name in (
+        "training_tokens",
+        "train_batch_size_tokens",
+        "context_size",
+        "store_batch_size_prompts",
+        "n_batches_in_buffer",
+        "dead_feature_window",
+        "feature_sampling_window",
+        "n_batches_for_norm_estimate",
+        "n_restart_cycles",
+    ):
+        check_positive_int(name, getattr(cfg, name))
+    for name in ("n_checkpoints", "lr_warm_up_steps", "lr_decay_steps"):
+        check_positive_int(name, getattr(cfg, name), allow_zero=True)
+    check_finite_number("lr", cfg.lr)
+    if cfg.lr <= 0:
+        raise ValueError(f"lr must be > 0, got lr={cfg.lr}")
+    check_finite_number("lr_end", cfg.lr_end, low=0.0)
+    for name in ("adam_beta1", "adam_beta2"):
+        check_finite_number(name, getattr(cfg, name), low=0.0)
+        if getattr(cfg, name) >= 1:
+            raise ValueError(f"{name} must be < 1, got {name}={getattr(cfg, name)}")
+    check_finite_number(
+        "activations_mixing_fraction", cfg.activations_mixing_fraction, low=0.0, high=1.0
+    )
+    if cfg.training_tokens < cfg.train_batch_size_tokens:
+        raise ValueError(
+            f"training_tokens={cfg.training_tokens} is less than one batch"
+            f" (train_batch_size_tokens={cfg.train_batch_size_tokens}); raise training_tokens"
+        )
+    if (
+        isinstance(cfg.sae, BatchTopKTrainingSAEConfig)
+        and n_selected(cfg.sae.k, cfg.train_batch_size_tokens) < 1
+    ):
+        raise ValueError(
+            f"k={cfg.sae.k} keeps int(k x train_batch_size_tokens) ="
+            f" int({cfg.sae.k} x {cfg.train_batch_size_tokens}) = 0 activations per batch;"
+            " raise k or train_batch_size_tokens"
+        )
+    probe = torch.optim.SGD([torch.zeros(1, requires_grad=True)], lr=cfg.lr)
+    try:
+        get_lr_scheduler(
+            cfg.lr_scheduler_name,
+            optimizer=probe,
+            training_steps=cfg.total_training_steps,
+            lr=cfg.lr,
+            warm_up_steps=cfg.lr_warm_up_steps,
+            decay_steps=cfg.lr_decay_steps,
+            lr_end=cfg.lr_end,  # type: ignore[arg-type]
+            num_cycles=cfg.n_restart_cycles,
+        )
+    except ValueError as error:
+        raise ValueError(f"learning-rate schedule (lr_scheduler_name, ...): {error}") from None
+
+
+def record_dead_window(cfg: LanguageModelSAERunnerConfig[Any]) -> dict[str, Any] | None:
+    """Record in the SAE config's metadata which dead-latent window training will use.
+
+    For our architectures: an explicit ``dead_tokens_window``, or SAELens's
+    ``dead_feature_window`` steps of ``train_batch_size_tokens`` tokens (what the trainer's
+    ``dead_neuron_mask`` counts). Logged, and saved with the SAE. ``None`` for others.
+    """
+    sae_cfg = cfg.sae
+    if not isinstance(sae_cfg, CalibratedBatchTopKTrainingSAEConfig):
+        return None
+    if sae_cfg.dead_tokens_window is not None:
+        window = {"tokens": sae_cfg.dead_tokens_window, "source": "dead_tokens_window"}
+    else:
+        window = {
+            "tokens": cfg.dead_feature_window * cfg.train_batch_size_tokens,
+            "steps": cfg.dead_feature_window,
+            "source": "dead_feature_window (SAELens's trainer dead_neuron_mask)",
+        }
+    sae_cfg.metadata.dead_latent_window = window
+    logger.info("dead-latent window: %s", window)
+    return window
 
 
 def _training_config_class(architecture: str) -> type[Any]:
@@ -101,6 +197,14 @@ class CalibratingSAETrainingRunner(LanguageModelSAETrainingRunner):
 
     calibration: CalibrationResult | None = None
     calibration_report: dict[str, dict[str, float]] | None = None
+
+    def __init__(self, cfg: LanguageModelSAERunnerConfig[Any], **overrides: Any) -> None:
+        # Checked before SAELens loads the model, so a bad setting costs nothing.
+        validate_runner_config(cfg)
+        window = record_dead_window(cfg)
+        super().__init__(cfg, **overrides)
+        if window is not None:  # also when the caller passed its own SAE (override_sae)
+            self.sae.cfg.metadata.dead_latent_window = window
 
     @override
     def save_final_sae(

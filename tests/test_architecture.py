@@ -90,10 +90,24 @@ def test_refuses_to_replace_builtin() -> None:
         ({"aux_k": 0}, ValueError, "aux_k must be > 0"),
         ({"aux_k": 2.5}, TypeError, "aux_k must be an integer"),
         ({"dead_tokens_window": 0}, ValueError, "dead_tokens_window must be > 0"),
-        ({"theta_ema_rate": 0.0}, ValueError, "theta_ema_rate"),
+        ({"topk_threshold_lr": 0.0}, ValueError, "topk_threshold_lr must be > 0"),
+        ({"topk_threshold_lr": float("nan")}, ValueError, "topk_threshold_lr must be a finite"),
+        ({"calibration_target_l0": 0}, ValueError, "calibration_target_l0 must be > 0"),
+        ({"calibration_tokens": 100}, ValueError, "calibration_tokens=100 is too few"),
+        ({"aux_loss_coefficient": -1.0}, ValueError, r"aux_loss_coefficient must be in"),
+        (
+            {"aux_loss_coefficient": 2.0, "aux_losses": {"auxk": 0.1}},
+            ValueError,
+            "both set the AuxK weight",
+        ),
+        (
+            {"normalize_activations": "layer_norm"},
+            ValueError,
+            "cannot train with aux losses",
+        ),
         ({"b_dec_init": "median"}, ValueError, "b_dec_init must be"),
         ({"calibration_method": "median"}, ValueError, "calibration_method must be one of"),
-        ({"calibration_target_l0": 64}, ValueError, r"k must be <= d_sae"),
+        ({"calibration_target_l0": 64}, ValueError, r"calibration_target_l0 must be <= d_sae"),
         ({"aux_losses": ["auxk"]}, TypeError, "aux_losses must map"),
     ],
 )
@@ -140,6 +154,12 @@ def test_running_theta_tracks_min_selected_activation() -> None:
     assert torch.allclose(sae.running_theta, expected)
 
 
+def test_d_sae_zero_names_d_sae() -> None:
+    for config_class in (CalibratedBatchTopKTrainingSAEConfig, CalibratedBatchTopKSAEConfig):
+        with pytest.raises(ValueError, match="d_sae must be > 0"):
+            config_class(d_in=8, d_sae=0, k=4)
+
+
 def test_dead_latents_counted_in_tokens() -> None:
     sae = CalibratedBatchTopKTrainingSAE(
         CalibratedBatchTopKTrainingSAEConfig(d_in=4, d_sae=8, k=1, dead_tokens_window=10)
@@ -148,10 +168,11 @@ def test_dead_latents_counted_in_tokens() -> None:
     acts[:, 0] = 1.0
     sae._update_training_state(acts)  # 4 tokens
     assert not sae.dead_mask.any()
-    sae._update_training_state(acts)
-    sae._update_training_state(acts)  # 12 tokens >= 10
+    sae._update_training_state(acts)  # 8 tokens <= 10
+    assert not sae.dead_mask.any()
+    sae._update_training_state(acts)  # 12 tokens > 10
     assert sae.dead_mask.tolist() == [False] + [True] * 7
-    assert int(sae.tokens_since_fired.max()) == 10  # clamped at the window
+    assert sae.tokens_since_fired.tolist() == [0] + [12] * 7
 
 
 def test_export_uses_running_theta_then_calibrated(tmp_path: Path) -> None:
@@ -174,11 +195,14 @@ def test_inference_batch_mode_matches_training_selection(tmp_path: Path) -> None
     sae.save_inference_model(tmp_path)
     inference = SAE.load_from_disk(tmp_path)
     x = torch.randn(64, 8)
-    with torch.no_grad(), inference.batch_topk_mode():
-        batch_codes = inference.encode(x)
-        assert torch.allclose(inference.decode(batch_codes), sae(x), atol=1e-5)
-    assert inference.encode_mode == "threshold"
+    view = inference.batch_topk_view()
+    with torch.no_grad():
+        batch_codes = view.encode(x)
+        assert torch.equal(batch_codes, inference.encode(x, mode="batch_topk"))
+        assert torch.allclose(view.decode(batch_codes), sae(x), atol=1e-5)
     assert torch.allclose(batch_codes, sae.encode(x).detach(), atol=1e-5)
+    with pytest.raises(ValueError, match="mode must be one of"):
+        inference.encode(x, mode="bogus")  # type: ignore[arg-type]
 
 
 def test_threshold_mode_is_per_token() -> None:

@@ -85,7 +85,7 @@ def test_auxk_in_sae_touches_only_dead_decoder_rows_and_no_bias() -> None:
     sae = CalibratedBatchTopKTrainingSAE(cfg)
     dead = torch.zeros(32, dtype=torch.bool)
     dead[:10] = True
-    sae.tokens_since_fired.copy_(torch.where(dead, 1, 0))
+    sae.tokens_since_fired.copy_(torch.where(dead, 2, 0))  # more than the 1-token window
     x = torch.randn(16, 8)
     feature_acts, hidden_pre = sae.encode_with_hidden_pre(x)
     sae_out = sae.decode(feature_acts)

@@ -186,12 +186,12 @@ def sae_and_data() -> tuple[CalibratedBatchTopKSAE, list[torch.Tensor]]:
 @pytest.mark.parametrize(
     ("kwargs", "error", "match"),
     [
-        ({"target_l0": 0}, ValueError, r"target_l0 must be in \(0, d_sae=16\]"),
-        ({"target_l0": 17}, ValueError, r"target_l0 must be in \(0, d_sae=16\]"),
+        ({"target_l0": 0}, ValueError, r"target_l0 must be > 0"),
+        ({"target_l0": 17}, ValueError, r"target_l0 must be <= d_sae \(16\)"),
         ({"method": "median"}, ValueError, "method must be one of"),
         ({"n_tokens": 100}, ValueError, "n_tokens=100 is too few"),
         ({"method": "per_latent", "n_tokens": 50}, ValueError, "10 firings per latent"),
-        ({"n_tokens": 5000}, ValueError, "ran out after 1024 tokens"),
+        ({"n_tokens": 5000}, ValueError, "the activations hold 1024 tokens"),
     ],
 )
 def test_bad_input_leaves_sae_untouched(

@@ -162,12 +162,13 @@ def test_decode_codes_matches_dense(nnz: int) -> None:
 
 def perturbed_sae(sae_class: type, config_class: type, **options: Any) -> Any:
     torch.manual_seed(0)
+    options.setdefault("dead_tokens_window", 1024)
     cfg = config_class(d_in=24, d_sae=512, dtype=options.pop("dtype", "float64"), **options)
     sae = sae_class(cfg)
     with torch.no_grad():
         for parameter in sae.parameters():
             parameter.add_(torch.randn_like(parameter) * 0.1)
-    sae.tokens_since_fired[::3] = cfg.dead_tokens_window  # a third of the latents are dead
+    sae.tokens_since_fired[::3] = cfg.dead_tokens_window + 1  # a third of the latents are dead
     sae.firing_rate.uniform_(0, 0.05)
     sae._b_dec_init_checked = True
     return sae
@@ -176,7 +177,7 @@ def perturbed_sae(sae_class: type, config_class: type, **options: Any) -> Any:
 def step_input_for(sae: Any, x: torch.Tensor) -> TrainStepInput:
     return TrainStepInput(
         sae_in=x,
-        coefficients=dict.fromkeys(sae.cfg.aux_losses, 0.5),
+        coefficients=dict.fromkeys(sae.cfg.resolved_aux_losses, 0.5),
         dead_neuron_mask=None,
         n_training_steps=0,
         is_logging_step=False,

@@ -15,71 +15,65 @@ thresholds carry over unchanged.
 
 from __future__ import annotations
 
-import math
-import numbers
 import warnings
-from collections.abc import Callable, Iterator
-from contextlib import contextmanager
+from collections.abc import Callable
 from dataclasses import dataclass, fields, replace
 from functools import partial
-from typing import Any, Literal
+from typing import Any, ClassVar, Literal
 
 import torch
 from sae_lens.config import dict_field
-from sae_lens.saes.batchtopk_sae import BatchTopKTrainingSAE
+from sae_lens.saes.batchtopk_sae import BatchTopKTrainingSAE, BatchTopKTrainingSAEConfig
 from sae_lens.saes.jumprelu_sae import JumpReLUSAE, JumpReLUSAEConfig
 from sae_lens.saes.sae import (
     SAE,
     SAEConfig,
     SAEMetadata,
     TrainCoefficientConfig,
-    TrainingSAEConfig,
     TrainStepInput,
     TrainStepOutput,
 )
 from sae_lens.saes.topk_sae import TopKTrainingSAE, act_times_W_dec
-from sae_lens.util import str_to_dtype
 from torch import nn
 from typing_extensions import override
 
 from sae_lens_batchtopk.aux_losses import AuxLossInputs, get_aux_loss, is_sparse_ready
+from sae_lens_batchtopk.finite import NonFiniteError, count_non_finite, require_finite
 from sae_lens_batchtopk.selection import (
     batch_topk,
     batch_topk_indices,
     min_positive,
+    n_selected,
     threshold_activation,
     zipf_weights,
 )
 from sae_lens_batchtopk.sparse_codes import SparseCodes, decode_codes, gather_preactivations
+from sae_lens_batchtopk.validation import (
+    check_average_l0,
+    check_choice,
+    check_finite_number,
+    check_float_dtype,
+    check_positive_int,
+    check_token_budget,
+)
 
 ARCHITECTURE = "calibrated_batchtopk"
 
 EncodeMode = Literal["threshold", "batch_topk"]
+ENCODE_MODES: tuple[str, ...] = ("threshold", "batch_topk")
+BDecInit = Literal["mean", "zeros"]
+CalibrationMethodOption = Literal["l0", "per_latent", "paper", "none"]
+# Every calibration method; an architecture may support fewer (``calibration_methods``).
+METHODS: tuple[str, ...] = ("paper", "l0", "per_latent")
 
-
-def _check_k(k: object, d_sae: int) -> None:
-    """Reject a k that cannot be an average L0 for this dictionary, naming the field."""
-    if isinstance(k, bool) or not isinstance(k, numbers.Real):
-        raise TypeError(f"k must be a number (average latents per token), got {k!r}")
-    if not math.isfinite(k) or k <= 0:
-        raise ValueError(f"k must be > 0, got k={k}")
-    if k > d_sae:
-        raise ValueError(f"k must be <= d_sae ({d_sae}), got k={k}; lower k or raise d_sae")
-
-
-def _check_dtype(dtype: object) -> None:
-    """Fail at construction, not deep inside the first forward pass, on an unknown dtype."""
-    if not isinstance(dtype, str):
-        raise TypeError(f"dtype must be a string such as 'float32', got {dtype!r}")
-    try:
-        resolved = str_to_dtype(dtype)
-    except (ValueError, KeyError, AttributeError):
-        resolved = None
-    if not isinstance(resolved, torch.dtype) or not resolved.is_floating_point:
-        raise ValueError(
-            f"dtype must name a floating-point torch dtype ('float32', 'bfloat16', ...),"
-            f" got dtype={dtype!r}"
-        )
+# Gao et al.'s AuxK coefficient, in main-loss units; what aux_loss_coefficient=1.0 means here.
+AUXK_DEFAULT_COEFFICIENT = 1 / 32
+# Firing rates average over the dead window; with SAELens's step-counted mask, over this many.
+FIRING_RATE_HORIZON_TOKENS = 10_000_000
+# Activation normalisations under which an aux reconstruction and the residual differ in units.
+NORMALIZATIONS_WITHOUT_AUX = frozenset({"constant_norm_rescale", "layer_norm"})
+# Training state that stays float32 whatever the SAE's dtype (see CalibratedBatchTopKTrainingSAE).
+_EXACT_FLOAT_STATE = ("running_theta", "firing_rate")
 
 
 class _CalibratedBatchTopKConfigRules:
@@ -99,8 +93,9 @@ class _CalibratedBatchTopKConfigRules:
 
     def __post_init__(self) -> None:
         super().__post_init__()  # type: ignore[misc]
-        _check_k(self.k, self.d_sae)
-        _check_dtype(self.dtype)
+        check_positive_int("d_sae", self.d_sae)
+        check_average_l0("k", self.k, self.d_sae)
+        check_float_dtype(self.dtype)
 
 
 @dataclass
@@ -109,28 +104,27 @@ class CalibratedBatchTopKSAEConfig(_CalibratedBatchTopKConfigRules, SAEConfig):
 
     Args:
         k: the average number of latents per token the SAE was trained (and calibrated) for.
-            Threshold mode does not read it; batch-top-k mode keeps ``int(k * n_tokens)``.
+            Threshold encoding does not read it; batch-top-k encoding keeps ``int(k * n)``.
+            The default is SAELens's ``batchtopk`` default.
     """
 
-    k: float = 32.0
+    k: float = 100.0
 
 
 class CalibratedBatchTopKSAE(SAE[CalibratedBatchTopKSAEConfig]):
     """Inference BatchTopK SAE: ``relu(z) * (z > threshold)`` with one threshold per latent.
 
     The threshold vector has length ``d_sae``: a single calibrated θ broadcast to every latent,
-    or per-latent values. ``encode_mode = "batch_topk"`` (or the :meth:`batch_topk_mode`
-    context) switches to the exact training-time selection for comparisons; that mode makes
-    each token's code depend on its batch. :meth:`to_jumprelu` gives a plain SAELens
-    ``JumpReLUSAE`` with identical outputs for consumers that do not have this plugin.
+    or per-latent values. ``encode(x, mode="batch_topk")``, or the object
+    :meth:`batch_topk_view` returns, applies the exact training-time selection instead (each
+    token's code then depends on its batch). The mode is an argument, never state stored on
+    the SAE, so concurrent users of one SAE cannot change each other's codes.
+    :meth:`to_jumprelu` gives a plain SAELens ``JumpReLUSAE`` with identical outputs for
+    consumers that do not have this plugin.
     """
 
     b_enc: nn.Parameter
     threshold: torch.Tensor
-
-    def __init__(self, cfg: CalibratedBatchTopKSAEConfig, use_error_term: bool = False):
-        super().__init__(cfg, use_error_term)
-        self.encode_mode: EncodeMode = "threshold"
 
     @override
     def initialize_weights(self) -> None:
@@ -141,10 +135,12 @@ class CalibratedBatchTopKSAE(SAE[CalibratedBatchTopKSAEConfig]):
         )
 
     @override
-    def encode(self, x: torch.Tensor) -> torch.Tensor:
+    def encode(self, x: torch.Tensor, *, mode: EncodeMode = "threshold") -> torch.Tensor:
+        """Codes of ``x``: per-latent thresholds (``"threshold"``), or the training rule."""
+        check_choice("mode", mode, ENCODE_MODES)
         sae_in = self.process_sae_in(x)
         hidden_pre = self.hook_sae_acts_pre(sae_in @ self.W_enc + self.b_enc)
-        if self.encode_mode == "batch_topk":
+        if mode == "batch_topk":
             acts = batch_topk(hidden_pre, self.cfg.k)
         else:
             acts = threshold_activation(hidden_pre, self.threshold)
@@ -157,15 +153,9 @@ class CalibratedBatchTopKSAE(SAE[CalibratedBatchTopKSAEConfig]):
         sae_out_pre = self.run_time_activation_norm_fn_out(sae_out_pre)
         return self.reshape_fn_out(sae_out_pre, self.d_head)
 
-    @contextmanager
-    def batch_topk_mode(self) -> Iterator[None]:
-        """Temporarily encode with exact batch top-k (the training rule) instead of thresholds."""
-        previous = self.encode_mode
-        self.encode_mode = "batch_topk"
-        try:
-            yield
-        finally:
-            self.encode_mode = previous
+    def batch_topk_view(self) -> BatchTopKView:
+        """This SAE encoding with exact batch top-k, for code that calls ``encode(x)``."""
+        return BatchTopKView(self)
 
     @torch.no_grad()
     def set_thresholds(self, threshold: torch.Tensor | float) -> None:
@@ -237,6 +227,60 @@ class CalibratedBatchTopKSAE(SAE[CalibratedBatchTopKSAEConfig]):
         converted.load_state_dict({name: state[name].detach().clone() for name in names})
         return converted
 
+    @override
+    def process_state_dict_for_saving(self, state_dict: dict[str, Any]) -> None:
+        super().process_state_dict_for_saving(state_dict)
+        require_finite(state_dict, "refusing to save the SAE")
+
+    @override
+    def process_state_dict_for_loading(self, state_dict: dict[str, Any]) -> None:
+        # NaN thresholds would load silently and their latents never fire (L0 0).
+        threshold = state_dict.get("threshold")
+        if threshold is not None:
+            if threshold.shape != (self.cfg.d_sae,):
+                raise ValueError(
+                    f"the saved threshold has shape {tuple(threshold.shape)}, expected"
+                    f" ({self.cfg.d_sae},) = (d_sae,): the weights do not belong to this config"
+                )
+            if count_non_finite(threshold):
+                raise NonFiniteError(
+                    f"the saved threshold has {count_non_finite(threshold)} NaN/inf entries of"
+                    f" {self.cfg.d_sae}: the SAE was saved uncalibrated or is corrupted;"
+                    " recalibrate it (calibrate_thresholds) from its training form"
+                )
+        super().process_state_dict_for_loading(state_dict)
+
+
+class BatchTopKView:
+    """A calibrated SAE that encodes with exact batch top-k: the training rule, for comparisons.
+
+    A separate object rather than a mode flag on the SAE: a flag is shared state, so another
+    thread (or hook) encoding with the same SAE at the same time would get this mode's codes.
+    It shares the SAE's weights and holds nothing else; ``encode``/``decode``, ``cfg``,
+    ``device`` and ``dtype`` are what evaluation code reads.
+    """
+
+    def __init__(self, sae: CalibratedBatchTopKSAE) -> None:
+        self.sae = sae
+
+    @property
+    def cfg(self) -> CalibratedBatchTopKSAEConfig:
+        return self.sae.cfg
+
+    @property
+    def device(self) -> torch.device:
+        return self.sae.device
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return self.sae.dtype
+
+    def encode(self, x: torch.Tensor) -> torch.Tensor:
+        return self.sae.encode(x, mode="batch_topk")
+
+    def decode(self, feature_acts: torch.Tensor) -> torch.Tensor:
+        return self.sae.decode(feature_acts)
+
 
 def recorded_k(sae: SAE[Any]) -> float | None:
     """The training k an SAE records: in its config, its metadata, or its training details."""
@@ -261,32 +305,43 @@ def _as_threshold_vector(threshold: torch.Tensor | float, d_sae: int) -> torch.T
 
 
 @dataclass
-class CalibratedBatchTopKTrainingSAEConfig(_CalibratedBatchTopKConfigRules, TrainingSAEConfig):
-    """Training config for ``calibrated_batchtopk``.
+class CalibratedBatchTopKTrainingSAEConfig(
+    _CalibratedBatchTopKConfigRules, BatchTopKTrainingSAEConfig
+):
+    """Training config for ``calibrated_batchtopk``: SAELens's ``batchtopk`` config, plus ours.
+
+    Every field of SAELens's ``BatchTopKTrainingSAEConfig`` is inherited and means what it means
+    there (:data:`SAE_LENS_FIELDS` says how each is honoured), so a SAELens config trains
+    unchanged with only the architecture renamed. The fields below are this plugin's.
 
     Args:
-        k: average latents per token; batch top-k keeps ``int(k * n_tokens)`` per batch.
-            A float is allowed.
+        k: average latents per token; batch top-k keeps ``int(k * n_tokens)`` per batch. A
+            float is allowed. SAELens's default (100).
+        aux_loss_coefficient: SAELens's AuxK weight. Here it scales this plugin's AuxK (see
+            ``aux_losses``) relative to its default: 1.0 (SAELens's default) gives Gao et al.'s
+            1/32 in main-loss units, 0 turns AuxK off. Leave it at 1.0 when setting
+            ``aux_losses`` explicitly.
+        topk_threshold_lr: SAELens's rate of the running θ (EMA of each batch's minimum
+            selected activation). Unlike SAELens, the EMA starts at the first batch's value
+            rather than at 0, and is kept in float32 whatever the SAE's dtype.
         b_dec_init: ``"mean"`` sets the decoder bias to the mean of the first training batch
             (as the SAE sees it, after activation scaling) before the first step; ``"zeros"``
             keeps SAELens's zero init. Residual streams have a large mean: from a zero bias,
             Adam needs thousands of steps to learn it, and meanwhile the few latents aligned
             with the mean win every selection while the rest die.
-        rescale_acts_by_decoder_norm: select on pre-activations times the decoder row norms,
-            as SAELens's TopK does, so decoder-norm drift cannot change the selection; folded
-            into the weights at export.
-        aux_losses: auxiliary losses by registered name and coefficient. The default is Gao et
-            al.'s AuxK with their coefficient 1/32. ``{}`` trains without any.
+        aux_losses: auxiliary losses by registered name and coefficient, e.g.
+            ``{"auxk": 1/32, "zipf": 1/32}``; ``{}`` trains without any. ``None`` (default)
+            means ``{"auxk": aux_loss_coefficient / 32}``.
         aux_loss_warm_up_steps: linear warm-up of every aux coefficient (SAELens's scheduler).
-        aux_k: dead latents per token AuxK may use; ``None`` means ``d_in // 2``.
-        dead_tokens_window: a latent is dead after not firing for this many training tokens
-            (Gao et al.: 10M). Counted in tokens, kept in the SAE state, so checkpoints resume it.
+        aux_k: dead latents per token AuxK may use; ``None`` means ``d_in // 2`` (as SAELens).
+        dead_tokens_window: a latent is dead once it has not fired for more than this many
+            training tokens (kept in the SAE state, so checkpoints resume it exactly). ``None``
+            (default) uses SAELens's definition: the trainer's ``dead_neuron_mask``, i.e.
+            ``dead_feature_window`` steps of ``train_batch_size_tokens`` tokens.
         zipf_exponent: exponent ``s`` of the Zipf law ``r^-s`` that defines under-used latents
             (and Feature Choice's Zipf capacities).
         underused_margin: a latent is under-used when it fires less than this fraction of the
             Zipf target for its frequency rank (see ``aux_losses.zipf_loss``).
-        theta_ema_rate: rate of the running θ estimate (EMA of each batch's minimum selected
-            activation, started at the first batch's value rather than at 0).
         calibration_method: how the runner calibrates thresholds after training: ``"l0"``,
             ``"per_latent"``, ``"paper"``, or ``"none"`` to export the running θ.
         calibration_target_l0: the inference L0 to calibrate to; ``None`` means ``k``.
@@ -300,18 +355,18 @@ class CalibratedBatchTopKTrainingSAEConfig(_CalibratedBatchTopKConfigRules, Trai
             ``False`` always trains densely.
     """
 
-    k: float = 32.0
-    b_dec_init: str = "mean"
-    rescale_acts_by_decoder_norm: bool = True
-    # dict_field builds a fresh dict per instance and parses JSON on SAELens's CLI.
-    aux_losses: dict[str, float] = dict_field(default={"auxk": 1 / 32})  # noqa: RUF009
+    # Calibration methods that mean something for this architecture's training rule.
+    calibration_methods: ClassVar[tuple[str, ...]] = ("l0", "per_latent", "paper")
+
+    b_dec_init: BDecInit = "mean"
+    # dict_field parses JSON on SAELens's CLI; None resolves through aux_loss_coefficient.
+    aux_losses: dict[str, float] | None = dict_field(default=None)  # noqa: RUF009
     aux_loss_warm_up_steps: int = 0
     aux_k: int | None = None
-    dead_tokens_window: int = 10_000_000
+    dead_tokens_window: int | None = None
     zipf_exponent: float = 1.0
     underused_margin: float = 0.5
-    theta_ema_rate: float = 0.01
-    calibration_method: str = "l0"
+    calibration_method: CalibrationMethodOption = "l0"
     calibration_target_l0: float | None = None
     calibration_tokens: int = 1_000_000
     fast_path: bool = True
@@ -320,75 +375,126 @@ class CalibratedBatchTopKTrainingSAEConfig(_CalibratedBatchTopKConfigRules, Trai
         super().__post_init__()
         if not isinstance(self.fast_path, bool):
             raise TypeError(f"fast_path must be true or false, got {self.fast_path!r}")
-        self._check_init_fields()
+        check_choice("b_dec_init", self.b_dec_init, ("mean", "zeros"))
+        check_finite_number("topk_threshold_lr", self.topk_threshold_lr, low=0.0, high=1.0)
+        if self.topk_threshold_lr == 0:
+            raise ValueError("topk_threshold_lr must be > 0 (the running θ would never move)")
         self._check_aux_fields()
         self._check_calibration_fields()
 
     def _check_aux_fields(self) -> None:
-        if not isinstance(self.aux_losses, dict):
-            raise TypeError(
-                f"aux_losses must map loss names to coefficients, e.g. {{'auxk': 0.03125}},"
-                f" got {self.aux_losses!r}"
-            )
-        for name, coefficient in self.aux_losses.items():
+        check_finite_number("aux_loss_coefficient", self.aux_loss_coefficient, low=0.0)
+        if self.aux_losses is not None:
+            if not isinstance(self.aux_losses, dict):
+                raise TypeError(
+                    f"aux_losses must map loss names to coefficients, e.g. {{'auxk': 0.03125}},"
+                    f" got {self.aux_losses!r}"
+                )
+            if self.aux_loss_coefficient != 1.0:
+                raise ValueError(
+                    f"aux_loss_coefficient={self.aux_loss_coefficient} and aux_losses="
+                    f"{self.aux_losses} both set the AuxK weight; set only aux_losses (e.g."
+                    " {'auxk': 0.03125}) or only aux_loss_coefficient"
+                )
+        for name, coefficient in self.resolved_aux_losses.items():
             get_aux_loss(name)
-            if isinstance(coefficient, bool) or not isinstance(coefficient, numbers.Real):
-                raise TypeError(f"aux_losses[{name!r}] must be a number, got {coefficient!r}")
-            if not math.isfinite(coefficient) or coefficient < 0:
-                raise ValueError(f"aux_losses[{name!r}] must be >= 0, got {coefficient}")
-        _check_positive_int("aux_loss_warm_up_steps", self.aux_loss_warm_up_steps, allow_zero=True)
+            check_finite_number(f"aux_losses[{name!r}]", coefficient, low=0.0)
+        check_positive_int("aux_loss_warm_up_steps", self.aux_loss_warm_up_steps, allow_zero=True)
         if self.aux_k is not None:
-            _check_positive_int("aux_k", self.aux_k)
-        _check_positive_int("dead_tokens_window", self.dead_tokens_window)
-        if not (isinstance(self.zipf_exponent, (int, float)) and self.zipf_exponent >= 0):
-            raise ValueError(f"zipf_exponent must be >= 0, got {self.zipf_exponent!r}")
-        if not (isinstance(self.underused_margin, (int, float)) and self.underused_margin >= 0):
-            raise ValueError(f"underused_margin must be >= 0, got {self.underused_margin!r}")
-        if not 0 < self.theta_ema_rate <= 1:
-            raise ValueError(f"theta_ema_rate must be in (0, 1], got {self.theta_ema_rate}")
-
-    def _check_init_fields(self) -> None:
-        if self.b_dec_init not in ("mean", "zeros"):
-            raise ValueError(f"b_dec_init must be 'mean' or 'zeros', got {self.b_dec_init!r}")
+            check_positive_int("aux_k", self.aux_k)
+        if self.dead_tokens_window is not None:
+            check_positive_int("dead_tokens_window", self.dead_tokens_window)
+        check_finite_number("zipf_exponent", self.zipf_exponent, low=0.0)
+        check_finite_number("underused_margin", self.underused_margin, low=0.0)
+        if self.normalize_activations in NORMALIZATIONS_WITHOUT_AUX and self.resolved_aux_losses:
+            # Aux losses reconstruct the residual in normalised space while the residual is in
+            # the original one (SAELens's TopK refuses the same, but only once a latent dies).
+            raise ValueError(
+                f"normalize_activations={self.normalize_activations!r} cannot train with aux"
+                f" losses {sorted(self.resolved_aux_losses)}; use 'expected_average_only_in'"
+                " or 'none', or set aux_losses={} (or aux_loss_coefficient=0)"
+            )
 
     def _check_calibration_fields(self) -> None:
-        methods = ("l0", "per_latent", "paper", "none")
-        if self.calibration_method not in methods:
+        check_choice("calibration_method", self.calibration_method, (*METHODS, "none"))
+        if self.calibration_method not in (*self.calibration_methods, "none"):
             raise ValueError(
-                f"calibration_method must be one of {methods}, got {self.calibration_method!r}"
+                f"calibration_method={self.calibration_method!r} does not apply to"
+                f" {self.architecture()}: use one of {[*self.calibration_methods, 'none']}"
             )
         if self.calibration_target_l0 is not None:
-            _check_k(self.calibration_target_l0, self.d_sae)
-        _check_positive_int("calibration_tokens", self.calibration_tokens)
+            check_average_l0("calibration_target_l0", self.calibration_target_l0, self.d_sae)
+        check_positive_int("calibration_tokens", self.calibration_tokens)
+        if self.calibration_method != "none":
+            check_token_budget(
+                self.calibration_method,
+                self.calibration_tokens,
+                float(self.calibration_target_l0 or self.k),
+                self.d_sae,
+                field="calibration_tokens",
+            )
+
+    @override
+    def get_inference_config_class(self) -> type[SAEConfig]:
+        # SAELens's batchtopk exports to JumpReLU; ours exports to its calibrated form.
+        return CalibratedBatchTopKSAEConfig
+
+    @property
+    def resolved_aux_losses(self) -> dict[str, float]:
+        """The aux losses training uses: ``aux_losses``, or AuxK scaled by SAELens's knob."""
+        if self.aux_losses is not None:
+            return dict(self.aux_losses)
+        if self.aux_loss_coefficient == 0:
+            return {}
+        return {"auxk": self.aux_loss_coefficient * AUXK_DEFAULT_COEFFICIENT}
 
     @property
     def resolved_aux_k(self) -> int:
-        """``aux_k``, or ``d_in // 2`` (Gao et al.'s heuristic, as in sparsify) when unset."""
+        """``aux_k``, or ``d_in // 2`` (Gao et al.'s heuristic, as SAELens and sparsify)."""
         return self.aux_k if self.aux_k is not None else max(self.d_in // 2, 1)
 
 
-def _check_positive_int(name: str, value: object, *, allow_zero: bool = False) -> None:
-    if isinstance(value, bool) or not isinstance(value, int):
-        raise TypeError(f"{name} must be an integer, got {value!r}")
-    if value < 0 or (value == 0 and not allow_zero):
-        raise ValueError(f"{name} must be {'>= 0' if allow_zero else '> 0'}, got {value}")
+# How each field of SAELens's BatchTopKTrainingSAEConfig is honoured here; the test suite checks
+# that every SAELens field is listed, so a field SAELens adds fails a test until it is decided.
+SAE_LENS_FIELDS: dict[str, str] = {
+    "d_in": "same",
+    "d_sae": "same",
+    "dtype": "same; bf16/fp16 weights train on the dense path",
+    "device": "same",
+    "apply_b_dec_to_input": "same",
+    "normalize_activations": "same; layer_norm / constant_norm_rescale refused with aux losses",
+    "reshape_activations": "same; hook_z trains on the dense path",
+    "metadata": "same",
+    "decoder_init_norm": "same",
+    "k": "same (float allowed)",
+    "use_sparse_activations": "accepted; training always keeps sparse codes on the fast path",
+    "aux_loss_coefficient": "scales our AuxK: 1.0 = Gao et al.'s 1/32 in main-loss units",
+    "rescale_acts_by_decoder_norm": "same",
+    "topk_threshold_lr": "same EMA rate; θ starts at the first batch's value, not 0",
+}
 
 
 class CalibratedBatchTopKTrainingSAE(TopKTrainingSAE):
-    """BatchTopK training SAE with registered aux losses, token-counted dead latents and θ.
+    """BatchTopK training SAE with registered aux losses, dead-latent tracking and θ.
 
     Subclasses SAELens's ``TopKTrainingSAE`` for its decoder, decoder-norm rescaling and the
     norm folding at export; replaces the per-token TopK with batch top-k. State beyond the
-    weights lives in persistent buffers so checkpoints save and resume it:
+    weights lives in persistent buffers so checkpoints save and resume it, in float32 or int64
+    whatever the SAE's dtype (a 1 % EMA step is below bfloat16's resolution):
 
     - ``running_theta``: EMA of the per-batch minimum selected activation (the paper's θ);
-    - ``tokens_since_fired``: per latent, training tokens since it last fired (int64);
+    - ``tokens_since_fired``: per latent, training tokens since it last fired;
     - ``firing_rate``: per latent, fraction of training tokens it fired on, a running mean
-      over the last ``dead_tokens_window`` tokens (``tokens_seen`` counts up to that window);
+      over the last ``dead_tokens_window`` tokens (10M when that is unset; ``tokens_seen``
+      counts up to that horizon);
     - ``threshold``: calibrated per-latent thresholds, NaN until calibration sets them.
 
     ``encode`` uses batch top-k (the training rule); the exported inference SAE uses the
     calibrated thresholds, or ``running_theta`` for every latent if never calibrated.
+
+    Every step checks its input and losses: a NaN or inf stops training with
+    :class:`~sae_lens_batchtopk.finite.NonFiniteError` before the optimizer step, and
+    non-finite weights are never saved.
 
     Training takes the sparse path when ``cfg.fast_path`` allows it (see the config). There the
     step output's ``feature_acts`` and ``hidden_pre`` are sparse COO tensors holding the
@@ -405,7 +511,7 @@ class CalibratedBatchTopKTrainingSAE(TopKTrainingSAE):
     def __init__(self, cfg: CalibratedBatchTopKTrainingSAEConfig, use_error_term: bool = False):
         super().__init__(cfg, use_error_term)  # type: ignore[arg-type]
         device = self.W_dec.device
-        self.register_buffer("running_theta", torch.zeros((), dtype=self.dtype, device=device))
+        self.register_buffer("running_theta", torch.zeros((), dtype=torch.float32, device=device))
         self.register_buffer(
             "tokens_since_fired", torch.zeros(cfg.d_sae, dtype=torch.long, device=device)
         )
@@ -417,9 +523,27 @@ class CalibratedBatchTopKTrainingSAE(TopKTrainingSAE):
         # process; this flag only saves re-checking it (a host sync) on every step.
         self._b_dec_init_checked = False
         self._dense_fallback_warned = False
+        self._no_dead_mask_warned = False
+        # SAELens's trainer mask of the last step (dead_tokens_window=None); not state: the
+        # trainer saves and resumes its own counters.
+        self._trainer_dead_mask: torch.Tensor | None = None
         self.register_buffer(
             "threshold", torch.full((cfg.d_sae,), torch.nan, dtype=self.dtype, device=device)
         )
+
+    @override
+    def _apply(self, fn: Callable[[torch.Tensor], torch.Tensor], recurse: bool = True) -> Any:
+        # nn.Module.to(dtype) casts every floating buffer; θ and the firing rates must stay
+        # float32 (an EMA step of 1% is below bfloat16's resolution), so they only move device.
+        exact = {
+            name: self._buffers.pop(name) for name in _EXACT_FLOAT_STATE if name in self._buffers
+        }
+        try:
+            return super()._apply(fn, recurse)
+        finally:
+            for name, tensor in exact.items():
+                assert tensor is not None
+                self._buffers[name] = tensor.to(fn(tensor.new_empty(0)).device)
 
     @override
     def get_activation_fn(self) -> Callable[[torch.Tensor], torch.Tensor]:
@@ -429,13 +553,45 @@ class CalibratedBatchTopKTrainingSAE(TopKTrainingSAE):
     def get_coefficients(self) -> dict[str, float | TrainCoefficientConfig]:
         return {
             name: TrainCoefficientConfig(value=value, warm_up_steps=self.cfg.aux_loss_warm_up_steps)
-            for name, value in self.cfg.aux_losses.items()
+            for name, value in self.cfg.resolved_aux_losses.items()
         }
 
     @property
     def dead_mask(self) -> torch.Tensor:
-        """Latents that have not fired for ``dead_tokens_window`` training tokens."""
-        return self.tokens_since_fired >= self.cfg.dead_tokens_window
+        """Latents currently counted as dead (what AuxK revives).
+
+        With ``dead_tokens_window`` set: no firing for more than that many tokens. Otherwise
+        SAELens's trainer mask of the last step (``dead_feature_window`` steps); no latent is
+        dead before the first step or when the step input carried no mask.
+        """
+        if self.cfg.dead_tokens_window is not None:
+            return self.tokens_since_fired > self.cfg.dead_tokens_window
+        if self._trainer_dead_mask is None:
+            return torch.zeros(self.cfg.d_sae, dtype=torch.bool, device=self.W_dec.device)
+        return self._trainer_dead_mask
+
+    def _take_trainer_dead_mask(self, step_input: TrainStepInput) -> None:
+        """Adopt SAELens's dead-latent mask for this step when no token window is set."""
+        if self.cfg.dead_tokens_window is not None:
+            return
+        mask = step_input.dead_neuron_mask
+        if mask is None:
+            if self.cfg.resolved_aux_losses and not self._no_dead_mask_warned:
+                self._no_dead_mask_warned = True
+                warnings.warn(
+                    "the training step carries no dead_neuron_mask (not SAELens's SAETrainer)"
+                    " and dead_tokens_window is unset, so no latent counts as dead and the aux"
+                    " losses see none; set dead_tokens_window",
+                    stacklevel=3,
+                )
+            self._trainer_dead_mask = None
+            return
+        self._trainer_dead_mask = mask.to(device=self.W_dec.device, dtype=torch.bool)
+
+    @property
+    def firing_rate_horizon(self) -> int:
+        """Tokens the firing rates average over: the dead window, or 10M when that is unset."""
+        return self.cfg.dead_tokens_window or FIRING_RATE_HORIZON_TOKENS
 
     @property
     def underused_mask(self) -> torch.Tensor:
@@ -476,7 +632,8 @@ class CalibratedBatchTopKTrainingSAE(TopKTrainingSAE):
         sae_out: torch.Tensor,
         reconstruct_selected: Callable[[torch.Tensor, torch.Tensor], torch.Tensor],
     ) -> dict[str, torch.Tensor]:
-        if not self.cfg.aux_losses:
+        aux_losses = self.cfg.resolved_aux_losses
+        if not aux_losses:
             return {}
         inputs = AuxLossInputs(
             sae_in=step_input.sae_in,
@@ -491,7 +648,7 @@ class CalibratedBatchTopKTrainingSAE(TopKTrainingSAE):
         )
         return {
             f"{name}_loss": step_input.coefficients[name] * get_aux_loss(name)(inputs)
-            for name in self.cfg.aux_losses
+            for name in aux_losses
         }
 
     def decode_directions(self, feature_acts: torch.Tensor) -> torch.Tensor:
@@ -525,7 +682,7 @@ class CalibratedBatchTopKTrainingSAE(TopKTrainingSAE):
         for hook in (self.hook_sae_acts_pre, self.hook_sae_acts_post):
             if hook._forward_hooks or hook._backward_hooks:
                 return f"a hook is attached to {hook.name or 'an activation hook point'}"
-        dense_only = [name for name in self.cfg.aux_losses if not is_sparse_ready(name)]
+        dense_only = [name for name in self.cfg.resolved_aux_losses if not is_sparse_ready(name)]
         if dense_only:
             return f"aux losses {dense_only} are not registered as sparse_ready"
         return None
@@ -617,8 +774,10 @@ class CalibratedBatchTopKTrainingSAE(TopKTrainingSAE):
 
     @override
     def training_forward_pass(self, step_input: TrainStepInput) -> TrainStepOutput:
+        self._check_batch_shape(step_input)
         if not self._b_dec_init_checked:
             self._init_b_dec(step_input.sae_in)
+        self._take_trainer_dead_mask(step_input)
         blocker = self.sparse_path_blocker(step_input.sae_in)
         if blocker is None:
             output = self._sparse_training_forward_pass(step_input)
@@ -627,24 +786,48 @@ class CalibratedBatchTopKTrainingSAE(TopKTrainingSAE):
                 self._dense_fallback_warned = True
                 warnings.warn(f"training on the dense path: {blocker}", stacklevel=2)
             output = super().training_forward_pass(step_input)
+        # One host sync: the input and every loss, before the state update and the optimizer
+        # step, so a bad batch leaves the SAE's state and weights as they were.
+        if not bool(torch.isfinite(step_input.sae_in).all() & torch.isfinite(output.loss)):
+            raise NonFiniteError(_non_finite_step_message(step_input, output))
         self._update_training_state(output.feature_acts)
         output.metrics["running_theta"] = self.running_theta.detach()
         output.metrics["dead_latent_fraction"] = self.dead_mask.float().mean()
         output.metrics["underused_latent_fraction"] = self.underused_mask.float().mean()
         return output
 
+    def _check_batch_shape(self, step_input: TrainStepInput) -> None:
+        """An empty batch, or one too small for a single selected activation, is an error."""
+        n_tokens = step_input.sae_in.shape[:-1].numel()
+        if n_tokens == 0:
+            raise ValueError(
+                f"training step {step_input.n_training_steps}: empty activation batch (shape"
+                f" {tuple(step_input.sae_in.shape)}); the data provider yielded no tokens"
+            )
+        if n_selected(self.cfg.k, n_tokens) == 0:
+            raise ValueError(
+                f"k={self.cfg.k} keeps int(k x {n_tokens} tokens) = 0 activations of this"
+                " batch: raise k or train_batch_size_tokens so that int(k x batch) >= 1"
+            )
+
     @torch.no_grad()
     def _init_b_dec(self, sae_in: torch.Tensor) -> None:
         """Before the first training step ever (not on resume), b_dec <- the batch mean."""
         self._b_dec_init_checked = True
         if self.cfg.b_dec_init == "mean" and int(self.tokens_seen) == 0:
-            self.b_dec.copy_(sae_in.reshape(-1, sae_in.shape[-1]).mean(0))
+            mean = sae_in.reshape(-1, sae_in.shape[-1]).mean(0)
+            # A NaN first batch is reported by the step's finiteness check; never adopt it.
+            if bool(torch.isfinite(mean).all()):
+                self.b_dec.copy_(mean)
+            else:
+                self._b_dec_init_checked = False
 
     @torch.no_grad()
     def _update_training_state(self, feature_acts: torch.Tensor) -> None:
-        """Advance the dead-latent counters and the θ estimate; no host sync.
+        """Advance the dead-latent counters, firing rates and the θ estimate; no host sync.
 
         ``feature_acts`` is dense, or sparse COO ``(n_tokens, d_sae)`` from the sparse path.
+        The arithmetic is float32 whatever the SAE's dtype.
         """
         n_tokens = feature_acts.shape[:-1].numel()
         if feature_acts.is_sparse:
@@ -654,16 +837,16 @@ class CalibratedBatchTopKTrainingSAE(TopKTrainingSAE):
         else:
             values = feature_acts.detach().reshape(-1, feature_acts.shape[-1])
             fired_count = (values > 0).sum(0)
-        window = self.cfg.dead_tokens_window
-        advanced = (self.tokens_since_fired + n_tokens).clamp_(max=window)
-        self.tokens_since_fired.copy_(torch.where(fired_count > 0, 0, advanced))
-        # Running mean over the first window, then an EMA with the window as its horizon.
-        self.tokens_seen.copy_((self.tokens_seen + n_tokens).clamp(max=window))
+        self.tokens_since_fired.copy_(
+            torch.where(fired_count > 0, 0, self.tokens_since_fired + n_tokens)
+        )
+        # Running mean over the first horizon, then an EMA with the horizon as its time scale.
+        self.tokens_seen.copy_((self.tokens_seen + n_tokens).clamp(max=self.firing_rate_horizon))
         weight = n_tokens / self.tokens_seen.float()
         self.firing_rate.lerp_(fired_count.float() / n_tokens, weight)
 
-        batch_theta = min_positive(values).to(self.running_theta.dtype)
-        rate = self.cfg.theta_ema_rate
+        batch_theta = min_positive(values).float()
+        rate = self.cfg.topk_threshold_lr
         ema = (1 - rate) * self.running_theta + rate * batch_theta
         updated = torch.where(self.running_theta > 0, ema, batch_theta)
         fired_any = torch.isfinite(batch_theta)
@@ -694,12 +877,23 @@ class CalibratedBatchTopKTrainingSAE(TopKTrainingSAE):
     @override
     def process_state_dict_for_loading(self, state_dict: dict[str, Any]) -> None:
         # SAELens's disk loaders cast every tensor to the config dtype; restore the counters'
-        # integer type and the rate's float32 (a bf16 config must not quantise them).
+        # integer type and the float32 of θ and the rates (the runner's resume path loads
+        # without that cast, so it restores them exactly).
         for name in ("tokens_since_fired", "tokens_seen"):
             if name in state_dict:
                 state_dict[name] = state_dict[name].round().long()
-        if "firing_rate" in state_dict:
-            state_dict["firing_rate"] = state_dict["firing_rate"].float()
+        for name in _EXACT_FLOAT_STATE:
+            if name in state_dict:
+                state_dict[name] = state_dict[name].float()
+
+    @override
+    def process_state_dict_for_saving(self, state_dict: dict[str, Any]) -> None:
+        super().process_state_dict_for_saving(state_dict)
+        # NaN thresholds mean "not calibrated yet"; everything else must be finite.
+        require_finite(
+            {name: value for name, value in state_dict.items() if name != "threshold"},
+            "refusing to save the SAE",
+        )
 
     @override
     def process_state_dict_for_saving_inference(self, state_dict: dict[str, Any]) -> None:
@@ -708,3 +902,19 @@ class CalibratedBatchTopKTrainingSAE(TopKTrainingSAE):
             state_dict.pop(name)
         state_dict.pop("threshold")
         state_dict["threshold"] = self.inference_thresholds().to(self.dtype)
+        require_finite(state_dict, "refusing to export the SAE")
+
+
+def _non_finite_step_message(step_input: TrainStepInput, output: TrainStepOutput) -> str:
+    """Say which of the step's input and losses hold NaN/inf (computed on failure only)."""
+    found = []
+    if bad := count_non_finite(step_input.sae_in):
+        found.append(f"the input batch ({bad} of {step_input.sae_in.numel()} values)")
+    found += [name for name, loss in output.losses.items() if count_non_finite(loss)]
+    if not found:
+        found.append("the total loss")
+    return (
+        f"training step {step_input.n_training_steps}: non-finite values in "
+        f"{', '.join(found)}; training stopped before the optimizer step, the weights are"
+        " unchanged and nothing was saved"
+    )

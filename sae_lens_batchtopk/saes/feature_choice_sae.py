@@ -16,16 +16,15 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Literal
+from typing import ClassVar, Literal
 
 import torch
-from sae_lens.saes.sae import SAEConfig
 from typing_extensions import override
 
 from sae_lens_batchtopk.saes.calibrated_batchtopk_sae import (
-    CalibratedBatchTopKSAEConfig,
     CalibratedBatchTopKTrainingSAE,
     CalibratedBatchTopKTrainingSAEConfig,
+    CalibrationMethodOption,
 )
 from sae_lens_batchtopk.selection import (
     feature_choice,
@@ -33,6 +32,7 @@ from sae_lens_batchtopk.selection import (
     latent_capacities,
     zipf_weights,
 )
+from sae_lens_batchtopk.validation import check_choice
 
 FEATURE_CHOICE = "feature_choice"
 
@@ -50,27 +50,19 @@ class FeatureChoiceTrainingSAEConfig(CalibratedBatchTopKTrainingSAEConfig):
             per-latent cut-offs, so its average fires at many times the target L0.
     """
 
+    calibration_methods: ClassVar[tuple[str, ...]] = ("l0", "per_latent")
+
     capacity: Literal["uniform", "zipf"] = "uniform"
-    calibration_method: str = "per_latent"
+    calibration_method: CalibrationMethodOption = "per_latent"
 
     @override
     @classmethod
     def architecture(cls) -> str:
         return FEATURE_CHOICE
 
-    @override
-    def get_inference_config_class(self) -> type[SAEConfig]:
-        return CalibratedBatchTopKSAEConfig
-
     def __post_init__(self) -> None:
         super().__post_init__()
-        if self.capacity not in ("uniform", "zipf"):
-            raise ValueError(f"capacity must be 'uniform' or 'zipf', got {self.capacity!r}")
-        if self.calibration_method == "paper":
-            raise ValueError(
-                "calibration_method='paper' is meaningless for feature_choice (the batch minimum"
-                " is the lowest per-latent cut-off); use 'per_latent' (default) or 'l0'"
-            )
+        check_choice("capacity", self.capacity, ("uniform", "zipf"))
         if self.capacity == "zipf":
             top_share = float(self.k * zipf_weights(self.d_sae, self.zipf_exponent)[0])
             if top_share > 1:
