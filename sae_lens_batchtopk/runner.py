@@ -9,6 +9,7 @@ each keyword to the object that owns it and refuses anything nobody owns.
 from __future__ import annotations
 
 import logging
+import warnings
 from collections.abc import Iterable
 from dataclasses import fields
 from typing import Any
@@ -16,13 +17,16 @@ from typing import Any
 import torch
 import wandb
 from sae_lens import LanguageModelSAETrainingRunner
-from sae_lens.config import LanguageModelSAERunnerConfig, LoggingConfig
+from sae_lens.config import HfDataset, LanguageModelSAERunnerConfig, LoggingConfig
 from sae_lens.registry import SAE_TRAINING_CLASS_REGISTRY
 from sae_lens.saes.batchtopk_sae import BatchTopKTrainingSAEConfig
 from sae_lens.saes.sae import TrainingSAE
 from sae_lens.training.optim import get_lr_scheduler
+from sae_lens.training.sae_trainer import SAETrainer
+from transformer_lens.HookedTransformer import HookedRootModule
 from typing_extensions import override
 
+from sae_lens_batchtopk.activations_store import ResumableActivationsStore
 from sae_lens_batchtopk.calibration import CalibrationResult, calibrate_with_report
 from sae_lens_batchtopk.saes.calibrated_batchtopk_sae import (
     ARCHITECTURE,
@@ -193,18 +197,48 @@ class CalibratingSAETrainingRunner(LanguageModelSAETrainingRunner):
     them to the trainer; a further disjoint slice is held out for the before/after report. The
     result is recorded in the saved config's metadata under ``calibration``. Other
     architectures are saved exactly as SAELens would.
+
+    A run resumed with ``resume_from_checkpoint`` continues the interrupted one: activations
+    come from a :class:`~sae_lens_batchtopk.activations_store.ResumableActivationsStore` (for
+    training and evaluation), and the trainer's step count is corrected on resume (see
+    :func:`_continue_counters`). On CPU the result is bitwise that of an uninterrupted run.
+    SAELens builds its own store in ``__init__`` first; it is discarded, which for a dataset
+    named by path means opening it twice. With ``prefetch_llm_batches`` a checkpoint records
+    the stream as far as the prefetch thread has drawn it, so a resumed run skips those batches.
     """
 
     calibration: CalibrationResult | None = None
     calibration_report: dict[str, dict[str, float]] | None = None
 
-    def __init__(self, cfg: LanguageModelSAERunnerConfig[Any], **overrides: Any) -> None:
+    def __init__(
+        self,
+        cfg: LanguageModelSAERunnerConfig[Any],
+        override_dataset: HfDataset | None = None,
+        override_model: HookedRootModule | None = None,
+        override_sae: TrainingSAE[Any] | None = None,
+    ) -> None:
         # Checked before SAELens loads the model, so a bad setting costs nothing.
         validate_runner_config(cfg)
         window = record_dead_window(cfg)
-        super().__init__(cfg, **overrides)
+        super().__init__(cfg, override_dataset, override_model, override_sae)
         if window is not None:  # also when the caller passed its own SAE (override_sae)
             self.sae.cfg.metadata.dead_latent_window = window
+        self.activations_store = ResumableActivationsStore.from_config(
+            self.model, self.cfg, override_dataset=override_dataset
+        )
+        self.evaluator.activations_store = self.activations_store
+        if cfg.prefetch_llm_batches and (cfg.n_checkpoints > 0 or cfg.save_final_checkpoint):
+            warnings.warn(
+                "prefetch_llm_batches: checkpoints record the activation stream as far as the "
+                "prefetch thread has drawn it, so a run resumed from one skips those batches",
+                stacklevel=2,
+            )
+
+    @override
+    def run_trainer_with_interruption_handling(self, trainer: SAETrainer[Any, Any]) -> Any:
+        if self.cfg.resume_from_checkpoint is not None:
+            _continue_counters(trainer)
+        return super().run_trainer_with_interruption_handling(trainer)
 
     @override
     def save_final_sae(
@@ -242,6 +276,32 @@ class CalibratingSAETrainingRunner(LanguageModelSAETrainingRunner):
                     for name, value in stats.items()
                 }
             )
+
+
+def _continue_counters(trainer: SAETrainer[Any, Any]) -> None:
+    """Set a resumed trainer's counters to what the uninterrupted run's were at the checkpoint.
+
+    ``SAETrainer.fit`` saves a checkpoint *before* counting the step it has just taken, so a
+    checkpoint after k steps records ``n_training_steps = k - 1`` (SAELens 6.54): resumed, the
+    run ends one step short, and its sparsity windows (hence ``sparsity.safetensors`` and the
+    saved L0) and logging cadence are shifted by a step. Every step of the runner trains on
+    exactly ``train_batch_size_tokens`` activations, so k is the sample count divided by that.
+    Checkpoint thresholds already passed are dropped, or the resumed run would write an extra
+    checkpoint after its first step.
+    """
+    batch_size = trainer.cfg.train_batch_size_samples
+    if trainer.n_training_samples % batch_size:
+        raise ValueError(
+            f"the checkpoint has trained on {trainer.n_training_samples} activations, not a "
+            f"whole number of batches of train_batch_size_tokens={batch_size}; resume with the "
+            "batch size the run had"
+        )
+    trainer.n_training_steps = trainer.n_training_samples // batch_size
+    trainer.checkpoint_thresholds = [
+        threshold
+        for threshold in trainer.checkpoint_thresholds
+        if threshold >= trainer.n_training_samples
+    ]
 
 
 def draw_batches(batches: Iterable[torch.Tensor], n_tokens: int) -> list[torch.Tensor]:
