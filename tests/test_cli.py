@@ -14,9 +14,7 @@ from pathlib import Path
 import pytest
 import yaml
 from conftest import TINY_D_MODEL, TINY_HOOK, needs_offline_assets, tiny_runner_kwargs
-from datasets import Dataset
 from sae_lens import SAE
-from transformer_lens import HookedTransformer
 
 from sae_lens_batchtopk import CalibratedBatchTopKSAE
 from sae_lens_batchtopk.cli import Resources, main
@@ -50,13 +48,6 @@ def tiny_config(tmp_path: Path) -> Path:
     path = tmp_path / "tiny.yaml"
     path.write_text(yaml.safe_dump(options))
     return path
-
-
-@pytest.fixture
-def tiny_resources(tiny_model: HookedTransformer, tiny_dataset: Dataset) -> Resources:
-    return Resources(
-        tiny_model, tiny_dataset.select(range(448)), tiny_dataset.select(range(448, 512))
-    )
 
 
 @pytest.mark.parametrize("config", sorted(CONFIGS.glob("*.yaml")), ids=lambda p: p.stem)
