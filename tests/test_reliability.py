@@ -370,3 +370,24 @@ def test_calibrated_run_metadata_survives_json(trained_run: tuple[Path, Path]) -
     _, run = trained_run
     saved = json.loads((run / "cfg.json").read_text())
     assert saved["metadata"]["dead_latent_window"]["tokens"] == 256  # tiny config's window
+
+
+def test_failed_calibration_after_training_keeps_the_trained_sae(
+    trained_run: tuple[Path, Path],
+    tiny_resources: Resources,
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    config, run = trained_run
+    before = folder_digest(run)
+    argv = ["train", str(config), "--output", str(run), "--overwrite", "--set"]
+    # L0 60 of 64 latents: more than the SAE's positive pre-activations can give.
+    assert main([*argv, "calibration_target_l0=60"], tiny_resources) == 1
+    message = error_line(capsys)
+    assert "calibration reached L0" in message and "kept uncalibrated in" in message
+    assert folder_digest(run) == before
+    (rescued,) = run.parent.glob("run.uncalibrated-*")
+    assert message.split("kept uncalibrated in ")[1].startswith(str(rescued))
+    sae = SAE.load_from_disk(rescued)
+    assert "error" in sae.cfg.metadata.calibration
+    assert json.loads((rescued / "runner_cfg.json").read_text())["output_path"] == str(rescued)
+    assert no_stray_folders(run.parent)
