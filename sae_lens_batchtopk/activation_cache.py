@@ -29,18 +29,17 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
 import re
-import tempfile
 from collections.abc import Iterator
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import torch
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load_file
 from tqdm.auto import tqdm
 from transformer_lens import HookedTransformer
 
+from sae_lens_batchtopk.atomic import write_safetensors
 from sae_lens_batchtopk.offline import load_wikipedia_leads, special_token_ids, tokenize_dataset
 
 SPLITS: tuple[str, ...] = ("heldout", "calibration", "train")
@@ -237,7 +236,7 @@ def _generate(
         for split, tensor in outputs.items()
     }
     tensors["eval_tokens"] = sequences[: spec.eval_sequences].contiguous()
-    _atomic_save(tensors, path, {"spec": json.dumps(asdict(spec), sort_keys=True)})
+    write_safetensors(path, tensors, {"spec": json.dumps(asdict(spec), sort_keys=True)})
 
 
 def _shuffled_sequences(spec: CacheSpec, model: HookedTransformer) -> torch.Tensor:
@@ -264,15 +263,3 @@ def _stop_at_layer(hook_name: str) -> int | None:
     """Run only the blocks up to the hook's (``blocks.L.*`` -> ``L + 1``); ``None`` runs all."""
     match = re.match(r"blocks\.(\d+)\.", hook_name)
     return int(match.group(1)) + 1 if match else None
-
-
-def _atomic_save(tensors: dict[str, torch.Tensor], path: Path, metadata: dict[str, str]) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    handle, temporary = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
-    os.close(handle)
-    try:
-        save_file(tensors, temporary, metadata=metadata)
-        os.replace(temporary, path)
-    finally:
-        if os.path.exists(temporary):
-            os.unlink(temporary)

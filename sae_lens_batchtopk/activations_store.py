@@ -20,18 +20,19 @@ stopped, bitwise.
 
 from __future__ import annotations
 
-import os
-import tempfile
 import warnings
 from collections.abc import Generator, Iterator
+from pathlib import Path
 from typing import Any, cast
 
 import torch
 from sae_lens.config import CacheActivationsRunnerConfig, HfDataset, LanguageModelSAERunnerConfig
 from sae_lens.training.activations_store import ActivationsStore
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load_file
 from transformer_lens.HookedTransformer import HookedRootModule
 from typing_extensions import override
+
+from sae_lens_batchtopk.atomic import write_safetensors
 
 # Checkpoint entries this store writes beside SAELens's ``n_dataset_processed``.
 SEQUENCES_IN_EPOCH = "sequences_in_epoch"
@@ -209,15 +210,7 @@ class ResumableActivationsStore(ActivationsStore):
     @override
     def save(self, file_path: str) -> None:
         """Write the state to ``file_path`` atomically: a crash mid-write leaves the old file."""
-        directory, name = os.path.split(os.path.abspath(file_path))
-        fd, tmp_path = tempfile.mkstemp(dir=directory, prefix=f".{name}.", suffix=".tmp")
-        os.close(fd)
-        try:
-            save_file(self.state_dict(), tmp_path)
-            os.replace(tmp_path, file_path)
-        except BaseException:
-            os.unlink(tmp_path)
-            raise
+        write_safetensors(Path(file_path), self.state_dict())
 
     @override
     def load(self, file_path: str) -> None:

@@ -25,7 +25,7 @@ depend only on the input order (no randomness, integer accumulation).
 from __future__ import annotations
 
 import math
-from collections.abc import Callable, Iterable, Iterator, Mapping
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import asdict, dataclass
 from typing import Any, Literal
 
@@ -35,16 +35,14 @@ from sae_lens.saes.jumprelu_sae import JumpReLUSAE
 from sae_lens.saes.sae import SAE
 from tqdm.auto import tqdm
 
-from sae_lens_batchtopk.evaluation import reconstruction_stats
 from sae_lens_batchtopk.finite import NonFiniteError, require_finite
 from sae_lens_batchtopk.saes.calibrated_batchtopk_sae import (
     METHODS,
     CalibratedBatchTopKSAE,
     CalibratedBatchTopKTrainingSAE,
-    recorded_k,
 )
 from sae_lens_batchtopk.saes.feature_choice_sae import FeatureChoiceTrainingSAE
-from sae_lens_batchtopk.selection import n_selected
+from sae_lens_batchtopk.selection import batch_topk_cutoff, feature_choice_cutoffs
 from sae_lens_batchtopk.validation import check_average_l0, check_choice, check_token_budget
 
 CalibrationMethod = Literal["paper", "l0", "per_latent"]
@@ -109,8 +107,6 @@ class _Target:
     k: float
     d_sae: int
     set_thresholds: Callable[[torch.Tensor], None]
-    # The encoder and decoder, checked for NaN/inf before any work.
-    weights: Mapping[str, torch.Tensor]
     # Feature Choice's per-latent capacities for a batch of n tokens; None means batch top-k.
     capacities: Callable[[int], torch.Tensor] | None = None
 
@@ -164,6 +160,10 @@ def calibrate_thresholds(
         CalibrationError: the achieved L0 misses the target by more than :data:`MAX_L0_MISS`.
         The SAE is left untouched whenever an error is raised.
     """
+    require_finite(
+        {name: getattr(sae, name) for name in ("W_enc", "b_enc", "W_dec", "b_dec")},
+        "refusing to calibrate; the SAE was not changed",
+    )
     target = _target_for(sae, k)
     check_choice("method", method, METHODS)
     if method not in applicable_methods(sae):
@@ -188,7 +188,6 @@ def calibrate_thresholds(
     check_token_budget(method, n_tokens, float(target_l0), target.d_sae)
     if chunk_tokens <= 0:
         raise ValueError(f"chunk_tokens must be > 0, got {chunk_tokens}")
-    require_finite(target.weights, "refusing to calibrate; the SAE was not changed")
 
     # Cap a chunk's pre-activations at 2^24 entries (64 MB in float32) whatever d_sae is.
     chunk_tokens = max(1, min(chunk_tokens, _MAX_CHUNK_ENTRIES // target.d_sae))
@@ -233,51 +232,33 @@ def _count_tokens(activations: Iterable[torch.Tensor]) -> int | None:
 
 
 def _target_for(sae: SAE[Any], k: float | None) -> _Target:
-    """Adapt each supported SAE class to (pre-activations, k, threshold setter)."""
-    weights = {name: getattr(sae, name) for name in ("W_enc", "b_enc", "W_dec", "b_dec")}
-    if isinstance(sae, CalibratedBatchTopKTrainingSAE):
-        return _Target(
-            pre_activations=lambda x: sae.encode_with_hidden_pre(x)[1],
-            k=k if k is not None else sae.cfg.k,
-            d_sae=sae.cfg.d_sae,
-            set_thresholds=sae.set_thresholds,
-            weights=weights,
-            capacities=sae.capacities if isinstance(sae, FeatureChoiceTrainingSAE) else None,
-        )
-    if isinstance(sae, CalibratedBatchTopKSAE):
-        return _Target(
-            pre_activations=lambda x: sae.process_sae_in(x) @ sae.W_enc + sae.b_enc,
-            k=k if k is not None else sae.cfg.k,
-            d_sae=sae.cfg.d_sae,
-            set_thresholds=sae.set_thresholds,
-            weights=weights,
-        )
-    if isinstance(sae, JumpReLUSAE):
-        recorded = recorded_k(sae)
-        if k is None and recorded is None:
-            raise ValueError(
-                "this JumpReLU SAE does not record the k it was trained with"
-                " (metadata training_architecture_details.k); pass k=..."
-            )
+    """Pre-activations from the SAE's inference form; thresholds written back to ``sae``.
 
-        def set_jumprelu_thresholds(thresholds: torch.Tensor) -> None:
-            sae.threshold.data.copy_(thresholds)
-
-        return _Target(
-            pre_activations=lambda x: sae.process_sae_in(x) @ sae.W_enc + sae.b_enc,
-            k=float(k if k is not None else recorded),  # type: ignore[arg-type]
-            d_sae=sae.cfg.d_sae,
-            set_thresholds=set_jumprelu_thresholds,
-            weights=weights,
-        )
-    if isinstance(sae, BatchTopKTrainingSAE):
+    :meth:`CalibratedBatchTopKSAE.from_sae` is the one place that knows which SAEs have a
+    BatchTopK inference form (and refuses the rest); its folded pre-activations are exactly
+    the numbers the calibrated thresholds will be compared with at inference.
+    """
+    if isinstance(sae, BatchTopKTrainingSAE) and not isinstance(
+        sae, CalibratedBatchTopKTrainingSAE
+    ):
         raise TypeError(
-            "SAELens's built-in batchtopk training SAE exports one scalar threshold; convert it"
+            "SAELens's built-in batchtopk training SAE stores one scalar threshold; convert it"
             " first: calibrate_thresholds(CalibratedBatchTopKSAE.from_sae(sae), ...)"
         )
-    raise TypeError(
-        f"cannot calibrate an SAE of architecture {sae.cfg.architecture()!r}; supported:"
-        " calibrated_batchtopk (training or inference), jumprelu exported from batchtopk"
+    inference = CalibratedBatchTopKSAE.from_sae(sae, k=k)
+    if isinstance(sae, JumpReLUSAE):
+
+        def set_thresholds(thresholds: torch.Tensor) -> None:
+            sae.threshold.data.copy_(thresholds)
+
+    else:
+        set_thresholds = sae.set_thresholds  # type: ignore[assignment]
+    return _Target(
+        pre_activations=inference.pre_activations,
+        k=inference.cfg.k,
+        d_sae=inference.cfg.d_sae,
+        set_thresholds=set_thresholds,
+        capacities=sae.capacities if isinstance(sae, FeatureChoiceTrainingSAE) else None,
     )
 
 
@@ -352,10 +333,11 @@ class _Statistics:
     def add_batch(self, batch: torch.Tensor, target: _Target, chunk_tokens: int) -> None:
         """The training rule's selection threshold(s) first, then histogram every chunk."""
         chunks = batch.split(chunk_tokens)
+        pre_activations = (target.pre_activations(chunk).float().cpu() for chunk in chunks)
         if target.capacities is None:
-            theta = self._batch_topk_theta(chunks, target, batch.shape[0])
+            theta = batch_topk_cutoff(pre_activations, target.k, batch.shape[0])
         else:
-            theta = self._feature_choice_thetas(chunks, target, target.capacities(batch.shape[0]))
+            theta = feature_choice_cutoffs(pre_activations, target.capacities(batch.shape[0]))
         selected_minimum = theta[torch.isfinite(theta) & (theta > 0)]
         batch_theta = float(selected_minimum.min()) if selected_minimum.numel() else math.inf
         if math.isfinite(batch_theta):
@@ -366,41 +348,6 @@ class _Statistics:
         for chunk in chunks:
             self._add_chunk(target.pre_activations(chunk).float().cpu(), theta)
         self.n_tokens += batch.shape[0]
-
-    def _batch_topk_theta(
-        self, chunks: tuple[torch.Tensor, ...], target: _Target, n_tokens: int
-    ) -> torch.Tensor:
-        """The batch's smallest selected value (chunked top-m merge), as a 1-element tensor."""
-        m = min(n_selected(target.k, n_tokens), n_tokens * self.d_sae)
-        top = torch.empty(0)
-        for chunk in chunks:
-            relu = target.pre_activations(chunk).relu().flatten().float().cpu()
-            top = torch.cat([top, relu.topk(min(m, relu.numel()), sorted=False).values])
-            top = top.topk(min(m, top.numel()), sorted=False).values
-        positives = top[top > 0]
-        return positives.min().reshape(1) if positives.numel() else torch.full((1,), math.inf)
-
-    def _feature_choice_thetas(
-        self, chunks: tuple[torch.Tensor, ...], target: _Target, capacities: torch.Tensor
-    ) -> torch.Tensor:
-        """Each latent's smallest selected value under Feature Choice (chunked per-column merge).
-
-        ``inf`` for a latent with no capacity or no positive value in the batch.
-        """
-        m_max = int(capacities.max())
-        top = torch.empty(0, self.d_sae)
-        for chunk in chunks:
-            relu = target.pre_activations(chunk).relu().float().cpu()
-            top = torch.cat([top, relu.topk(min(m_max, relu.shape[0]), dim=0).values])
-            top = top.topk(min(m_max, top.shape[0]), dim=0).values
-        if top.shape[0] == 0:
-            return torch.full((self.d_sae,), math.inf)
-        last_kept = (capacities - 1).clamp(min=0, max=top.shape[0] - 1)
-        theta = top.gather(0, last_kept[None]).squeeze(0)
-        # Fewer positives than capacity: every positive value was kept.
-        positive = torch.where(top > 0, top, math.inf).min(0).values
-        theta = torch.where(theta > 0, theta, positive)
-        return torch.where(capacities > 0, theta, math.inf)
 
     def _init_latent_hist(self, reference_theta: float) -> None:
         reference_key = int(_float_bits(torch.tensor(reference_theta))) >> _LATENT_SHIFT
@@ -503,69 +450,3 @@ def _below_edge(below: torch.Tensor, edges: torch.Tensor) -> torch.Tensor:
     """Values strictly below each row's edge: ``below[j, e - 1]``, or 0 for edge 0."""
     gathered = below.gather(1, (edges - 1).clamp(min=0)[:, None]).squeeze(1).long()
     return torch.where(edges > 0, gathered, 0)
-
-
-REPORT_ROWS = {
-    "threshold_before": "threshold mode, before calibration",
-    "batch_topk": "batch top-k mode (training rule)",
-    "threshold_after": "threshold mode, after calibration",
-}
-
-
-def calibrate_with_report(
-    sae: SAE[Any],
-    calibration_batches: Iterable[torch.Tensor],
-    heldout_batches: list[torch.Tensor],
-    *,
-    method: CalibrationMethod = "l0",
-    target_l0: float | None = None,
-    n_tokens: int | None = None,
-    show_progress: bool = False,
-) -> tuple[CalibrationResult, dict[str, dict[str, float]]]:
-    """Calibrate, and measure held-out L0 and NMSE before and after, in both encode modes.
-
-    ``heldout_batches`` must be disjoint from the calibration tokens: the report exists to show
-    that the calibrated L0 holds on tokens the thresholds were not fitted to.
-    """
-    before = CalibratedBatchTopKSAE.from_sae(sae)
-    target = target_l0 if target_l0 is not None else before.cfg.k
-    report = {
-        "threshold_before": reconstruction_stats(before, heldout_batches, target_l0=target),
-        "batch_topk": reconstruction_stats(
-            before.batch_topk_view(), heldout_batches, target_l0=target
-        ),
-    }
-    result = calibrate_thresholds(
-        sae,
-        calibration_batches,
-        method=method,
-        target_l0=target_l0,
-        n_tokens=n_tokens,
-        show_progress=show_progress,
-    )
-    after = CalibratedBatchTopKSAE.from_sae(sae)
-    report["threshold_after"] = reconstruction_stats(after, heldout_batches, target_l0=target)
-    return result, report
-
-
-def format_calibration_report(
-    result: CalibrationResult, report: dict[str, dict[str, float]]
-) -> str:
-    """Markdown: the calibration numbers, then held-out L0 percentiles and NMSE per mode."""
-    lines = [
-        f"Calibration: method `{result.method}`, target L0 {result.target_l0}, "
-        f"{result.n_tokens:,} tokens, θ (median) {result.theta:.6g}, "
-        f"L0 on calibration tokens {result.achieved_l0:.3f}, "
-        f"latents never firing {result.n_never_fired}.",
-        "",
-        "| held-out tokens | L0 mean | L0 p5 | L0 p50 | L0 p95 | L0 vs target | NMSE |",
-        "|---|---|---|---|---|---|---|",
-    ]
-    for key, label in REPORT_ROWS.items():
-        row = report[key]
-        lines.append(
-            f"| {label} | {row['l0_mean']:.2f} | {row['l0_p5']:.0f} | {row['l0_p50']:.0f} | "
-            f"{row['l0_p95']:.0f} | {row.get('l0_deviation', float('nan')):+.1%} | "
-            f"{row['nmse']:.4f} |"
-        )
-    return "\n".join(lines)

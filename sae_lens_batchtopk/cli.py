@@ -48,12 +48,12 @@ from transformer_lens import loading_from_pretrained as tl_loading
 from transformer_lens.hook_points import HookedRootModule
 from transformers import AutoTokenizer, PreTrainedTokenizerBase
 
+from sae_lens_batchtopk.atomic import write_json
 from sae_lens_batchtopk.calibration import (
     METHODS,
     CalibrationError,
-    calibrate_with_report,
-    format_calibration_report,
 )
+from sae_lens_batchtopk.evaluation import calibrate_with_report
 from sae_lens_batchtopk.finite import NonFiniteError
 from sae_lens_batchtopk.offline import (
     OfflineAssetMissingError,
@@ -70,15 +70,18 @@ from sae_lens_batchtopk.report import (
     L0_PLOT,
     METRICS_FILE,
     REPORT_FILE,
-    write_json,
+    format_calibration_report,
     write_report,
 )
-from sae_lens_batchtopk.runner import draw_batches, make_runner_config
+from sae_lens_batchtopk.runner import (
+    CalibratingSAETrainingRunner,
+    draw_batches,
+    make_runner_config,
+)
 from sae_lens_batchtopk.saes.calibrated_batchtopk_sae import (
     ARCHITECTURE,
     CalibratedBatchTopKSAE,
 )
-from sae_lens_batchtopk.training_curves import CurveRecordingRunner
 from sae_lens_batchtopk.validation import (
     check_average_l0,
     check_finite_number,
@@ -434,7 +437,7 @@ def train(settings: TrainSettings, resources: Resources) -> Path:
     target = Path(runner_cfg.output_path)
     with staged_folder(target, owned=TRAIN_FILES) as staging:
         runner_cfg.output_path = str(staging)
-        runner = CurveRecordingRunner(
+        runner = CalibratingSAETrainingRunner(
             runner_cfg,
             override_model=resources.model,
             override_dataset=resources.train_dataset,

@@ -13,6 +13,14 @@ from dataclasses import dataclass
 from typing import Any, Protocol
 
 import torch
+from sae_lens.saes.sae import SAE
+
+from sae_lens_batchtopk.calibration import (
+    CalibrationMethod,
+    CalibrationResult,
+    calibrate_thresholds,
+)
+from sae_lens_batchtopk.saes.calibrated_batchtopk_sae import CalibratedBatchTopKSAE
 
 
 class Autoencoder(Protocol):
@@ -95,3 +103,39 @@ def reconstruction_stats(
 ) -> dict[str, float]:
     """:meth:`HeldoutPass.stats` of one pass of ``sae`` over ``batches``."""
     return heldout_pass(sae, batches).stats(target_l0)
+
+
+def calibrate_with_report(
+    sae: SAE[Any],
+    calibration_batches: Iterable[torch.Tensor],
+    heldout_batches: list[torch.Tensor],
+    *,
+    method: CalibrationMethod = "l0",
+    target_l0: float | None = None,
+    n_tokens: int | None = None,
+    show_progress: bool = False,
+) -> tuple[CalibrationResult, dict[str, dict[str, float]]]:
+    """Calibrate, and measure held-out L0 and NMSE before and after, in both encode modes.
+
+    ``heldout_batches`` must be disjoint from the calibration tokens: the report exists to show
+    that the calibrated L0 holds on tokens the thresholds were not fitted to.
+    """
+    before = CalibratedBatchTopKSAE.from_sae(sae)
+    target = target_l0 if target_l0 is not None else before.cfg.k
+    report = {
+        "threshold_before": reconstruction_stats(before, heldout_batches, target_l0=target),
+        "batch_topk": reconstruction_stats(
+            before.batch_topk_view(), heldout_batches, target_l0=target
+        ),
+    }
+    result = calibrate_thresholds(
+        sae,
+        calibration_batches,
+        method=method,
+        target_l0=target_l0,
+        n_tokens=n_tokens,
+        show_progress=show_progress,
+    )
+    after = CalibratedBatchTopKSAE.from_sae(sae)
+    report["threshold_after"] = reconstruction_stats(after, heldout_batches, target_l0=target)
+    return result, report

@@ -11,9 +11,7 @@ from __future__ import annotations
 
 import json
 import math
-import os
-import tempfile
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from dataclasses import fields
 from pathlib import Path
 from typing import Any
@@ -31,7 +29,8 @@ from sae_lens.training.activation_scaler import ActivationScaler
 from sae_lens.training.activations_store import ActivationsStore
 from transformer_lens.hook_points import HookedRootModule
 
-from sae_lens_batchtopk.calibration import CalibrationResult, format_calibration_report
+from sae_lens_batchtopk.atomic import write_atomically, write_json, write_text
+from sae_lens_batchtopk.calibration import CalibrationResult
 from sae_lens_batchtopk.evaluation import heldout_pass
 from sae_lens_batchtopk.saes.calibrated_batchtopk_sae import CalibratedBatchTopKSAE
 
@@ -50,22 +49,6 @@ _CURVE_PANELS = {
     "running_theta": "running θ",
     "dead_latent_fraction": "dead latent fraction",
 }
-
-
-def write_atomically(path: Path, write: Callable[[Path], None]) -> None:
-    """Run ``write(temporary_path)`` next to ``path``, then rename it onto ``path``."""
-    descriptor, temporary = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
-    os.close(descriptor)
-    try:
-        write(Path(temporary))
-        os.replace(temporary, path)
-    finally:
-        if os.path.exists(temporary):
-            os.remove(temporary)
-
-
-def write_json(path: Path, data: Any) -> None:
-    write_atomically(path, lambda tmp: tmp.write_text(json.dumps(data, indent=2) + "\n"))
 
 
 def _save_figure(path: Path, figure: Figure) -> None:
@@ -176,7 +159,7 @@ def write_report(
         plots.append(CURVES_PLOT)
     write_json(output_dir / METRICS_FILE, metrics)
     markdown = report_markdown(metrics, sae, plots)
-    write_atomically(output_dir / REPORT_FILE, lambda tmp: tmp.write_text(markdown))
+    write_text(output_dir / REPORT_FILE, markdown)
     return metrics
 
 
@@ -270,3 +253,33 @@ def report_markdown(metrics: dict[str, Any], sae: SAE[Any], plots: Sequence[str]
     lines += ["", "## Calibration", "", *_calibration_section(sae), "", "## Plots", ""]
     lines += [f"![{Path(plot).stem}]({plot})" for plot in plots]
     return "\n".join(lines) + "\n"
+
+
+REPORT_ROWS = {
+    "threshold_before": "threshold mode, before calibration",
+    "batch_topk": "batch top-k mode (training rule)",
+    "threshold_after": "threshold mode, after calibration",
+}
+
+
+def format_calibration_report(
+    result: CalibrationResult, report: dict[str, dict[str, float]]
+) -> str:
+    """Markdown: the calibration numbers, then held-out L0 percentiles and NMSE per mode."""
+    lines = [
+        f"Calibration: method `{result.method}`, target L0 {result.target_l0}, "
+        f"{result.n_tokens:,} tokens, θ (median) {result.theta:.6g}, "
+        f"L0 on calibration tokens {result.achieved_l0:.3f}, "
+        f"latents never firing {result.n_never_fired}.",
+        "",
+        "| held-out tokens | L0 mean | L0 p5 | L0 p50 | L0 p95 | L0 vs target | NMSE |",
+        "|---|---|---|---|---|---|---|",
+    ]
+    for key, label in REPORT_ROWS.items():
+        row = report[key]
+        lines.append(
+            f"| {label} | {row['l0_mean']:.2f} | {row['l0_p5']:.0f} | {row['l0_p50']:.0f} | "
+            f"{row['l0_p95']:.0f} | {row.get('l0_deviation', float('nan')):+.1%} | "
+            f"{row['nmse']:.4f} |"
+        )
+    return "\n".join(lines)

@@ -30,14 +30,15 @@ from sae_lens_batchtopk.activations_store import ResumableActivationsStore
 from sae_lens_batchtopk.calibration import (
     CalibrationError,
     CalibrationResult,
-    calibrate_with_report,
 )
+from sae_lens_batchtopk.evaluation import calibrate_with_report
 from sae_lens_batchtopk.saes.calibrated_batchtopk_sae import (
     ARCHITECTURE,
     CalibratedBatchTopKTrainingSAE,
     CalibratedBatchTopKTrainingSAEConfig,
 )
 from sae_lens_batchtopk.selection import n_selected
+from sae_lens_batchtopk.trainer import RecordingSAETrainer
 from sae_lens_batchtopk.validation import check_finite_number, check_positive_int
 
 logger = logging.getLogger(__name__)
@@ -200,7 +201,8 @@ class CalibratingSAETrainingRunner(LanguageModelSAETrainingRunner):
     token count of its config on activations drawn *after* training, so the store has not shown
     them to the trainer; a further disjoint slice is held out for the before/after report. The
     result is recorded in the saved config's metadata under ``calibration``. Other
-    architectures are saved exactly as SAELens would.
+    architectures are saved exactly as SAELens would. Training curves (losses, L0, θ, dead
+    fraction; 200 points) are recorded without wandb, in ``training_curves``.
 
     A run resumed with ``resume_from_checkpoint`` continues the interrupted one: activations
     come from a :class:`~sae_lens_batchtopk.activations_store.ResumableActivationsStore` (for
@@ -213,6 +215,7 @@ class CalibratingSAETrainingRunner(LanguageModelSAETrainingRunner):
 
     calibration: CalibrationResult | None = None
     calibration_report: dict[str, dict[str, float]] | None = None
+    training_curves: list[dict[str, float]]
 
     def __init__(
         self,
@@ -240,9 +243,21 @@ class CalibratingSAETrainingRunner(LanguageModelSAETrainingRunner):
 
     @override
     def run_trainer_with_interruption_handling(self, trainer: SAETrainer[Any, Any]) -> Any:
+        """Train through a :class:`RecordingSAETrainer` carrying ``trainer``'s state.
+
+        After ``run()``, ``training_curves`` holds the records. The state is copied back
+        because ``run()`` reads the final feature sparsity from the trainer object it built.
+        """
         if self.cfg.resume_from_checkpoint is not None:
             _continue_counters(trainer)
-        return super().run_trainer_with_interruption_handling(trainer)
+        recording = RecordingSAETrainer.carrying_state_of(trainer)
+        try:
+            return super().run_trainer_with_interruption_handling(recording)
+        finally:
+            self.training_curves = recording.records
+            trainer.__dict__.update(
+                {name: value for name, value in vars(recording).items() if name in vars(trainer)}
+            )
 
     @override
     def save_final_sae(

@@ -8,6 +8,7 @@ any number of leading (token) dimensions and the latent dimension last.
 from __future__ import annotations
 
 import math
+from collections.abc import Iterable
 
 import torch
 
@@ -78,10 +79,7 @@ def _threshold_candidates(flat: torch.Tensor, n_keep: int, d_sae: int) -> torch.
     threshold is 0 (then it holds every positive entry). The sample stride is coprime with
     ``d_sae`` so that the sample covers every latent, not one residue class of them.
     """
-    stride = max(flat.numel() // _THRESHOLD_SAMPLE_SIZE, 1)
-    while math.gcd(stride, d_sae) != 1:
-        stride += 1
-    sample = flat[::stride]
+    sample = flat[:: threshold_sample_stride(flat.numel(), d_sae)]
     expected = n_keep * sample.numel() / flat.numel()
     # Twice the expected count plus four standard deviations: misses are ~never, and the
     # candidate top-k stays small.
@@ -93,6 +91,18 @@ def _threshold_candidates(flat: torch.Tensor, n_keep: int, d_sae: int) -> torch.
     if candidates.numel() >= n_keep or floor == 0.0:
         return candidates
     return None
+
+
+def threshold_sample_stride(n_entries: int, d_sae: int) -> int:
+    """Stride of the sample the fast batch top-k estimates its threshold from.
+
+    About :data:`_THRESHOLD_SAMPLE_SIZE` entries, and coprime with ``d_sae`` so that the sample
+    covers every latent rather than one residue class of them.
+    """
+    stride = max(n_entries // _THRESHOLD_SAMPLE_SIZE, 1)
+    while math.gcd(stride, d_sae) != 1:
+        stride += 1
+    return stride
 
 
 def threshold_activation(hidden_pre: torch.Tensor, threshold: torch.Tensor) -> torch.Tensor:
@@ -158,6 +168,53 @@ def _feature_choice_top(
     rank = torch.arange(m_max, device=flat.device)[:, None]
     keep = (rank < capacities.to(flat.device)[None, :]) & (top.values > 0)
     return top, keep
+
+
+def batch_topk_cutoff(
+    pre_activation_chunks: Iterable[torch.Tensor], k: float, n_tokens: int
+) -> torch.Tensor:
+    """The smallest value :func:`batch_topk` keeps from a batch given as row chunks.
+
+    Returns a 1-element tensor, ``inf`` when nothing positive is kept. The chunks' top values
+    are merged as they come, so a batch never has to exist as one ``tokens x d_sae`` tensor
+    (what calibration needs at d_sae 65536); the result equals the minimum positive entry of
+    ``batch_topk`` on the concatenated chunks.
+    """
+    m = None
+    top = torch.empty(0)
+    for chunk in pre_activation_chunks:
+        relu = chunk.relu().flatten()
+        if m is None:
+            m = min(n_selected(k, n_tokens), n_tokens * chunk.shape[-1])
+        top = torch.cat([top.to(relu), relu.topk(min(m, relu.numel()), sorted=False).values])
+        top = top.topk(min(m, top.numel()), sorted=False).values
+    positives = top[top > 0]
+    return positives.min().reshape(1) if positives.numel() else torch.full((1,), math.inf)
+
+
+def feature_choice_cutoffs(
+    pre_activation_chunks: Iterable[torch.Tensor], capacities: torch.Tensor
+) -> torch.Tensor:
+    """Each latent's smallest value kept by :func:`feature_choice`, from row chunks.
+
+    ``(d_sae,)``; ``inf`` for a latent with no capacity or nothing positive in the batch.
+    Per-column top values are merged chunk by chunk, as :func:`batch_topk_cutoff` does.
+    """
+    m_max = int(capacities.max()) if capacities.numel() else 0
+    d_sae = capacities.numel()
+    top = torch.empty(0, d_sae)
+    for chunk in pre_activation_chunks:
+        relu = chunk.relu().reshape(-1, d_sae)
+        top = torch.cat([top.to(relu), relu.topk(min(m_max, relu.shape[0]), dim=0).values])
+        top = top.topk(min(m_max, top.shape[0]), dim=0).values
+    if top.shape[0] == 0:
+        return torch.full((d_sae,), math.inf)
+    last_kept = (capacities.to(top.device) - 1).clamp(min=0, max=top.shape[0] - 1)
+    cutoff = top.gather(0, last_kept[None]).squeeze(0)
+    # Fewer positives than capacity: every positive value was kept.
+    smallest_positive = torch.where(top > 0, top, math.inf).min(0).values
+    cutoff = torch.where(cutoff > 0, cutoff, smallest_positive)
+    return torch.where(capacities.to(top.device) > 0, cutoff, math.inf)
 
 
 def zipf_weights(d_sae: int, exponent: float) -> torch.Tensor:

@@ -7,6 +7,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from conftest import step_input
 from sae_lens import SAE, JumpReLUSAE, TrainingSAE
 from sae_lens.registry import SAE_CLASS_REGISTRY, SAE_TRAINING_CLASS_REGISTRY
 
@@ -24,23 +25,13 @@ def trained_sae(
     d_in: int = 8, d_sae: int = 32, k: float = 3.0, steps: int = 5
 ) -> CalibratedBatchTopKTrainingSAE:
     """A training SAE after a few optimiser steps, so norms and θ are non-trivial."""
-    from sae_lens.saes.sae import TrainStepInput
-
     torch.manual_seed(0)
     sae = CalibratedBatchTopKTrainingSAE(
         CalibratedBatchTopKTrainingSAEConfig(d_in=d_in, d_sae=d_sae, k=k, dead_tokens_window=64)
     )
     optimizer = torch.optim.Adam(sae.parameters(), lr=1e-2)
     for step in range(steps):
-        out = sae.training_forward_pass(
-            TrainStepInput(
-                sae_in=torch.randn(32, d_in),
-                coefficients={"auxk": 1 / 32},
-                dead_neuron_mask=None,
-                n_training_steps=step,
-                is_logging_step=False,
-            )
-        )
+        out = sae.training_forward_pass(step_input(sae, torch.randn(32, d_in), step=step))
         out.loss.backward()
         optimizer.step()
         optimizer.zero_grad()
@@ -55,12 +46,19 @@ def test_registered_in_both_registries() -> None:
 
 
 def test_import_twice_is_harmless() -> None:
+    before = {
+        name: (SAE_CLASS_REGISTRY.get(name), SAE_TRAINING_CLASS_REGISTRY.get(name))
+        for name in ("calibrated_batchtopk", "feature_choice")
+    }
     importlib.reload(sae_lens_batchtopk)
     register_architecture(
         "calibrated_batchtopk",
         inference=(CalibratedBatchTopKSAE, CalibratedBatchTopKSAEConfig),
         training=(CalibratedBatchTopKTrainingSAE, CalibratedBatchTopKTrainingSAEConfig),
     )
+    for name, (inference, training) in before.items():
+        assert SAE_CLASS_REGISTRY.get(name) is inference, name
+        assert SAE_TRAINING_CLASS_REGISTRY.get(name) is training, name
 
 
 def test_refuses_to_replace_builtin() -> None:
@@ -291,18 +289,8 @@ def test_training_load_from_disk_restores_state(tmp_path: Path) -> None:
 
 
 def test_b_dec_starts_at_first_batch_mean_once(tmp_path: Path) -> None:
-    from sae_lens.saes.sae import TrainStepInput
-
     def step(sae: CalibratedBatchTopKTrainingSAE, x: torch.Tensor) -> None:
-        sae.training_forward_pass(
-            TrainStepInput(
-                sae_in=x,
-                coefficients={"auxk": 1 / 32},
-                dead_neuron_mask=None,
-                n_training_steps=0,
-                is_logging_step=False,
-            )
-        )
+        sae.training_forward_pass(step_input(sae, x))
 
     cfg = CalibratedBatchTopKTrainingSAEConfig(d_in=8, d_sae=32, k=2)
     sae = CalibratedBatchTopKTrainingSAE(cfg)

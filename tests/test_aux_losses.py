@@ -6,6 +6,7 @@ from functools import partial
 
 import pytest
 import torch
+from conftest import step_input
 
 from sae_lens_batchtopk import (
     CalibratedBatchTopKTrainingSAE,
@@ -89,15 +90,7 @@ def test_auxk_in_sae_touches_only_dead_decoder_rows_and_no_bias() -> None:
     x = torch.randn(16, 8)
     feature_acts, hidden_pre = sae.encode_with_hidden_pre(x)
     sae_out = sae.decode(feature_acts)
-    from sae_lens.saes.sae import TrainStepInput
-
-    step = TrainStepInput(
-        sae_in=x,
-        coefficients={"auxk": 1.0},
-        dead_neuron_mask=None,
-        n_training_steps=0,
-        is_logging_step=False,
-    )
+    step = step_input(sae, x, coefficient=1.0)
     losses = sae.calculate_aux_loss(step, feature_acts, hidden_pre, sae_out)
     assert set(losses) == {"auxk_loss"}
     losses["auxk_loss"].backward()
@@ -157,12 +150,35 @@ def test_unknown_loss_lists_registered_names() -> None:
 
 
 def test_custom_loss_trains_through_registry() -> None:
+    """A registered dense-only loss is scheduled, computed every step and moves the weights."""
     register_aux_loss(
         "test_l1", lambda inputs: inputs.feature_acts.abs().sum(-1).mean(), overwrite=True
     )
-    cfg = CalibratedBatchTopKTrainingSAEConfig(d_in=8, d_sae=32, k=2, aux_losses={"test_l1": 0.5})
-    sae = CalibratedBatchTopKTrainingSAE(cfg)
-    assert {"test_l1"} == set(sae.get_coefficients())
+
+    def train(coefficient: float) -> tuple[float, list[str]]:
+        torch.manual_seed(0)
+        cfg = CalibratedBatchTopKTrainingSAEConfig(
+            d_in=8, d_sae=32, k=2, aux_losses={"test_l1": coefficient}
+        )
+        sae = CalibratedBatchTopKTrainingSAE(cfg)
+        assert set(sae.get_coefficients()) == {"test_l1"}
+        optimizer = torch.optim.Adam(sae.parameters(), lr=1e-2)
+        generator = torch.Generator().manual_seed(1)
+        with pytest.warns(UserWarning, match=r"dense path: aux losses \['test_l1'\]"):
+            for step in range(30):
+                x = torch.randn(64, 8, generator=generator)
+                output = sae.training_forward_pass(step_input(sae, x, step=step))
+                output.loss.backward()
+                optimizer.step()
+                optimizer.zero_grad()
+        with torch.no_grad():
+            acts = sae.encode(torch.randn(256, 8, generator=generator))
+        return float(acts.abs().sum(-1).mean()), sorted(output.losses)
+
+    l1_without, names = train(0.0)
+    l1_with, _ = train(5.0)
+    assert names == ["mse_loss", "test_l1_loss"]
+    assert l1_with < 0.7 * l1_without
 
 
 @pytest.mark.parametrize("coefficient", [-1.0, float("nan")])

@@ -17,9 +17,9 @@ from sae_lens_batchtopk import (
 )
 from sae_lens_batchtopk.calibration import (
     calibrate_thresholds,
-    calibrate_with_report,
-    format_calibration_report,
 )
+from sae_lens_batchtopk.evaluation import calibrate_with_report
+from sae_lens_batchtopk.report import format_calibration_report
 from sae_lens_batchtopk.selection import batch_topk, threshold_activation
 
 
@@ -215,7 +215,7 @@ def test_nan_activations_rejected_sae_untouched() -> None:
 
 def test_unsupported_architecture() -> None:
     topk = TopKSAE(TopKSAEConfig(d_in=8, d_sae=16, k=2))
-    with pytest.raises(TypeError, match="cannot calibrate an SAE of architecture 'topk'"):
+    with pytest.raises(TypeError, match="architecture 'topk' has no calibrated BatchTopK form"):
         calibrate_thresholds(topk, [torch.randn(8, 8)], n_tokens=8)
     plain = JumpReLUSAE(JumpReLUSAEConfig(d_in=8, d_sae=16))
     with pytest.raises(ValueError, match="pass k="):

@@ -6,10 +6,9 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import tiny_runner_kwargs
+from conftest import step_input, tiny_runner_kwargs
 from datasets import Dataset
 from sae_lens import SAE, TrainingSAE
-from sae_lens.saes.sae import TrainStepInput
 from transformer_lens import HookedTransformer
 
 from sae_lens_batchtopk import (
@@ -90,15 +89,7 @@ def test_feature_choice_sae_trains_and_calibrates(tmp_path: Path) -> None:
     sae = FeatureChoiceTrainingSAE(cfg)
     optimizer = torch.optim.Adam(sae.parameters(), lr=1e-2)
     for step in range(5):
-        out = sae.training_forward_pass(
-            TrainStepInput(
-                sae_in=torch.randn(64, 8),
-                coefficients={"zipf": 1 / 32},
-                dead_neuron_mask=None,
-                n_training_steps=step,
-                is_logging_step=False,
-            )
-        )
+        out = sae.training_forward_pass(step_input(sae, torch.randn(64, 8), step=step))
         assert out.feature_acts.is_sparse  # the fast path's codes
         fired = out.feature_acts.to_dense() > 0
         assert fired.sum() <= 2 * 64

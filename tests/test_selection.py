@@ -3,12 +3,16 @@
 from __future__ import annotations
 
 import itertools
+import math
 
 import pytest
 import torch
 
 from sae_lens_batchtopk.selection import (
     batch_topk,
+    batch_topk_cutoff,
+    feature_choice,
+    feature_choice_cutoffs,
     min_positive,
     n_selected,
     threshold_activation,
@@ -109,3 +113,22 @@ def test_threshold_activation_is_jumprelu_rule() -> None:
 def test_min_positive() -> None:
     assert float(min_positive(torch.tensor([0.0, 3.0, 0.5, -1.0]))) == 0.5
     assert torch.isinf(min_positive(torch.zeros(4)))
+
+
+@pytest.mark.parametrize("k", [0.5, 3.0, 7.25])
+def test_batch_topk_cutoff_from_chunks_is_the_smallest_kept_value(k: float) -> None:
+    hidden_pre = torch.randn(40, 24, generator=torch.Generator().manual_seed(1))
+    kept = batch_topk(hidden_pre, k)
+    cutoff = batch_topk_cutoff(hidden_pre.split(7), k, hidden_pre.shape[0])
+    assert cutoff.item() == kept[kept > 0].min().item()
+    assert batch_topk_cutoff((-hidden_pre.abs()).split(7), k, 40).item() == math.inf
+
+
+def test_feature_choice_cutoffs_from_chunks_are_each_latents_smallest_kept_value() -> None:
+    hidden_pre = torch.randn(40, 24, generator=torch.Generator().manual_seed(2))
+    hidden_pre[:, 3] = -1.0  # a latent with nothing positive
+    capacities = torch.randint(0, 6, (24,), generator=torch.Generator().manual_seed(3))
+    kept = feature_choice(hidden_pre, capacities)
+    cutoffs = feature_choice_cutoffs(hidden_pre.split(9), capacities)
+    expected = torch.where(kept > 0, kept, math.inf).min(0).values
+    assert torch.equal(cutoffs, expected)

@@ -15,6 +15,7 @@ from typing import Any
 
 import pytest
 import torch
+from conftest import step_input
 from sae_lens.saes.sae import TrainStepInput
 
 from sae_lens_batchtopk import (
@@ -30,6 +31,7 @@ from sae_lens_batchtopk.selection import (
     batch_topk_indices,
     feature_choice,
     feature_choice_indices,
+    threshold_sample_stride,
 )
 from sae_lens_batchtopk.sparse_codes import SparseCodes, decode_codes, gather_preactivations
 
@@ -72,9 +74,7 @@ def test_batch_topk_indices_exact_when_the_sample_misleads() -> None:
     # candidate, so the exactness check must send the selection to the full top-k.
     n_tokens, d_sae = 256, 1024
     flat = torch.rand(n_tokens * d_sae) * 1e-3
-    stride = max(flat.numel() // (1 << 16), 1)
-    while torch.gcd(torch.tensor(stride), torch.tensor(d_sae)) != 1:
-        stride += 1
+    stride = threshold_sample_stride(flat.numel(), d_sae)
     flat[::stride] = 10.0 + torch.rand(flat[::stride].shape)
     hidden_pre = flat.view(n_tokens, d_sae)
     indices = batch_topk_indices(hidden_pre, 300)  # budget above the number of large entries
@@ -175,13 +175,7 @@ def perturbed_sae(sae_class: type, config_class: type, **options: Any) -> Any:
 
 
 def step_input_for(sae: Any, x: torch.Tensor) -> TrainStepInput:
-    return TrainStepInput(
-        sae_in=x,
-        coefficients=dict.fromkeys(sae.cfg.resolved_aux_losses, 0.5),
-        dead_neuron_mask=None,
-        n_training_steps=0,
-        is_logging_step=False,
-    )
+    return step_input(sae, x, coefficient=0.5)
 
 
 def training_step(sae: Any, x: torch.Tensor, *, fast: bool) -> dict[str, Any]:

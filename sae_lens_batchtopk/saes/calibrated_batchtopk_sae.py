@@ -17,7 +17,7 @@ from __future__ import annotations
 
 import warnings
 from collections.abc import Callable
-from dataclasses import dataclass, fields, replace
+from dataclasses import dataclass, fields
 from functools import partial
 from typing import Any, ClassVar, Literal
 
@@ -47,7 +47,7 @@ from sae_lens_batchtopk.selection import (
     threshold_activation,
     zipf_weights,
 )
-from sae_lens_batchtopk.sparse_codes import SparseCodes, decode_codes, gather_preactivations
+from sae_lens_batchtopk.sparse_step import SparseStepWeights, reconstruct_dense, sparse_forward
 from sae_lens_batchtopk.validation import (
     check_average_l0,
     check_choice,
@@ -111,7 +111,22 @@ class CalibratedBatchTopKSAEConfig(_CalibratedBatchTopKConfigRules, SAEConfig):
     k: float = 100.0
 
 
-class CalibratedBatchTopKSAE(SAE[CalibratedBatchTopKSAEConfig]):
+class _Thresholds:
+    """The per-latent threshold vector both forms carry, and its one validated setter."""
+
+    threshold: torch.Tensor
+    cfg: Any
+
+    @torch.no_grad()
+    def set_thresholds(self, threshold: torch.Tensor | float) -> None:
+        """Set the inference thresholds; a scalar is broadcast to every latent.
+
+        On a training SAE, ``save_inference_model`` then exports them instead of the running θ.
+        """
+        self.threshold.copy_(_as_threshold_vector(threshold, self.cfg.d_sae))
+
+
+class CalibratedBatchTopKSAE(_Thresholds, SAE[CalibratedBatchTopKSAEConfig]):
     """Inference BatchTopK SAE: ``relu(z) * (z > threshold)`` with one threshold per latent.
 
     The threshold vector has length ``d_sae``: a single calibrated θ broadcast to every latent,
@@ -138,13 +153,16 @@ class CalibratedBatchTopKSAE(SAE[CalibratedBatchTopKSAEConfig]):
     def encode(self, x: torch.Tensor, *, mode: EncodeMode = "threshold") -> torch.Tensor:
         """Codes of ``x``: per-latent thresholds (``"threshold"``), or the training rule."""
         check_choice("mode", mode, ENCODE_MODES)
-        sae_in = self.process_sae_in(x)
-        hidden_pre = self.hook_sae_acts_pre(sae_in @ self.W_enc + self.b_enc)
+        hidden_pre = self.hook_sae_acts_pre(self.pre_activations(x))
         if mode == "batch_topk":
             acts = batch_topk(hidden_pre, self.cfg.k)
         else:
             acts = threshold_activation(hidden_pre, self.threshold)
         return self.hook_sae_acts_post(acts)
+
+    def pre_activations(self, x: torch.Tensor) -> torch.Tensor:
+        """``process_sae_in(x) @ W_enc + b_enc``: what the thresholds are compared with."""
+        return self.process_sae_in(x) @ self.W_enc + self.b_enc
 
     @override
     def decode(self, feature_acts: torch.Tensor) -> torch.Tensor:
@@ -156,11 +174,6 @@ class CalibratedBatchTopKSAE(SAE[CalibratedBatchTopKSAEConfig]):
     def batch_topk_view(self) -> BatchTopKView:
         """This SAE encoding with exact batch top-k, for code that calls ``encode(x)``."""
         return BatchTopKView(self)
-
-    @torch.no_grad()
-    def set_thresholds(self, threshold: torch.Tensor | float) -> None:
-        """Set the inference thresholds (a scalar is broadcast to every latent)."""
-        self.threshold.copy_(_as_threshold_vector(threshold, self.cfg.d_sae))
 
     @override
     @torch.no_grad()
@@ -213,8 +226,9 @@ class CalibratedBatchTopKSAE(SAE[CalibratedBatchTopKSAEConfig]):
             cfg_dict = sae.cfg.to_dict()
         else:
             raise TypeError(
-                f"cannot convert an SAE of architecture {sae.cfg.architecture()!r}; expected"
-                " batchtopk, jumprelu (exported from batchtopk) or calibrated_batchtopk"
+                f"an SAE of architecture {sae.cfg.architecture()!r} has no calibrated BatchTopK"
+                " form; supported: calibrated_batchtopk and feature_choice (training or"
+                " inference), SAELens's batchtopk, and jumprelu exported from batchtopk"
             )
         k = k if k is not None else recorded_k(sae)
         if k is None:
@@ -474,7 +488,7 @@ SAE_LENS_FIELDS: dict[str, str] = {
 }
 
 
-class CalibratedBatchTopKTrainingSAE(TopKTrainingSAE):
+class CalibratedBatchTopKTrainingSAE(_Thresholds, TopKTrainingSAE):
     """BatchTopK training SAE with registered aux losses, dead-latent tracking and θ.
 
     Subclasses SAELens's ``TopKTrainingSAE`` for its decoder, decoder-norm rescaling and the
@@ -621,7 +635,7 @@ class CalibratedBatchTopKTrainingSAE(TopKTrainingSAE):
             feature_acts,
             hidden_pre,
             sae_out,
-            partial(self._reconstruct_dense, hidden_pre),
+            partial(reconstruct_dense, hidden_pre, self.step_weights()),
         )
 
     def _aux_losses(
@@ -656,14 +670,14 @@ class CalibratedBatchTopKTrainingSAE(TopKTrainingSAE):
         recons = act_times_W_dec(feature_acts, self.W_dec, self.cfg.rescale_acts_by_decoder_norm)
         return self.reshape_fn_out(recons, self.d_head)
 
-    def _reconstruct_dense(
-        self, hidden_pre: torch.Tensor, token_idx: torch.Tensor, latent_idx: torch.Tensor
-    ) -> torch.Tensor:
-        """Dense-path ``AuxLossInputs.reconstruct_selected``: scatter, then decode densely."""
-        flat = hidden_pre.reshape(-1, hidden_pre.shape[-1])
-        selected = flat[token_idx, latent_idx].relu()
-        acts = torch.zeros_like(flat).index_put((token_idx, latent_idx), selected)
-        return self.decode_directions(acts).reshape(flat.shape[0], -1)
+    def step_weights(self) -> SparseStepWeights:
+        """The weights as the training step reads them (decoder norms in selection units)."""
+        return SparseStepWeights.of(
+            self.W_enc,
+            self.b_enc,
+            self.W_dec,
+            rescale_acts_by_decoder_norm=self.cfg.rescale_acts_by_decoder_norm,
+        )
 
     def select_indices(self, hidden_pre: torch.Tensor) -> torch.Tensor:
         """The sparse path's selection: flat indices of the kept entries of a 2-D batch."""
@@ -690,33 +704,20 @@ class CalibratedBatchTopKTrainingSAE(TopKTrainingSAE):
     def _sparse_training_forward_pass(self, step_input: TrainStepInput) -> TrainStepOutput:
         """The dense training pass's losses, computed on the selected entries only.
 
-        The encoder forward stays dense (every pre-activation competes in the selection) but
-        runs without gradient; :func:`gather_preactivations` re-attaches the gradient at the
-        selected entries, so the dense pre-activations are freed before the backward pass.
+        :func:`~sae_lens_batchtopk.sparse_step.sparse_forward` runs the dense encoder forward
+        without gradient (every pre-activation competes in the selection) and re-attaches the
+        gradient at the selected entries, so no ``tokens x d_sae`` tensor is kept for backward.
         """
-        sae_in = self.process_sae_in(step_input.sae_in).contiguous()
-        scale = self.W_dec.norm(dim=-1) if self.cfg.rescale_acts_by_decoder_norm else None
-        with torch.no_grad():
-            if scale is None:
-                hidden_pre = torch.addmm(self.b_enc, sae_in, self.W_enc)
-            else:
-                # Scaling W_enc's columns is cheaper than scaling tokens x d_sae outputs.
-                hidden_pre = torch.addmm(self.b_enc * scale, sae_in, self.W_enc * scale)
-            flat_idx = self.select_indices(hidden_pre)
-        d_sae = self.cfg.d_sae
-        codes = self._codes_at(sae_in, hidden_pre, flat_idx // d_sae, flat_idx % d_sae, scale)
-        sae_out = self._decode_sparse(codes, scale) + self.b_dec
-        sae_out = self.hook_sae_recons(sae_out)
+        forward = sparse_forward(
+            self.process_sae_in(step_input.sae_in), self.step_weights(), self.select_indices
+        )
+        sae_out = self.hook_sae_recons(forward.reconstruction + self.b_dec)
         sae_out = self.run_time_activation_norm_fn_out(sae_out)
         sae_out = self.reshape_fn_out(sae_out, self.d_head)
         mse_loss = self.mse_loss_fn(sae_out, step_input.sae_in).sum(dim=-1).mean()
-        feature_acts = codes.to_sparse_coo()
+        feature_acts = forward.codes.to_sparse_coo()
         aux_losses = self._aux_losses(
-            step_input,
-            feature_acts,
-            hidden_pre,
-            sae_out,
-            partial(self._reconstruct_sparse, sae_in, hidden_pre, scale),
+            step_input, feature_acts, forward.hidden_pre, sae_out, forward.reconstruct_selected
         )
         return TrainStepOutput(
             sae_in=step_input.sae_in,
@@ -726,51 +727,6 @@ class CalibratedBatchTopKTrainingSAE(TopKTrainingSAE):
             loss=mse_loss + sum(aux_losses.values()),
             losses={"mse_loss": mse_loss, **aux_losses},
         )
-
-    def _codes_at(
-        self,
-        sae_in: torch.Tensor,
-        hidden_pre: torch.Tensor,
-        token_idx: torch.Tensor,
-        latent_idx: torch.Tensor,
-        scale: torch.Tensor | None,
-    ) -> SparseCodes:
-        """Differentiable (rescaled) pre-activations at the given positions of ``hidden_pre``."""
-        selected = hidden_pre[token_idx, latent_idx]
-        if scale is None:
-            values = gather_preactivations(
-                sae_in, self.W_enc, self.b_enc, token_idx, latent_idx, selected
-            )
-        else:
-            latent_scale = scale[latent_idx]
-            raw = gather_preactivations(
-                sae_in,
-                self.W_enc,
-                self.b_enc,
-                token_idx,
-                latent_idx,
-                selected / latent_scale.detach(),
-            )
-            values = raw * latent_scale
-        return SparseCodes(token_idx, latent_idx, values, sae_in.shape[0], self.cfg.d_sae)
-
-    def _decode_sparse(self, codes: SparseCodes, scale: torch.Tensor | None) -> torch.Tensor:
-        """``act_times_W_dec`` of the codes, without the bias, through the selected rows only."""
-        if scale is not None:
-            codes = replace(codes, values=codes.values * scale.reciprocal()[codes.latent_idx])
-        return decode_codes(codes, self.W_dec)
-
-    def _reconstruct_sparse(
-        self,
-        sae_in: torch.Tensor,
-        hidden_pre: torch.Tensor,
-        scale: torch.Tensor | None,
-        token_idx: torch.Tensor,
-        latent_idx: torch.Tensor,
-    ) -> torch.Tensor:
-        """Sparse-path ``AuxLossInputs.reconstruct_selected``."""
-        codes = self._codes_at(sae_in, hidden_pre, token_idx, latent_idx, scale)
-        return self._decode_sparse(replace(codes, values=codes.values.relu()), scale)
 
     @override
     def training_forward_pass(self, step_input: TrainStepInput) -> TrainStepOutput:
@@ -851,11 +807,6 @@ class CalibratedBatchTopKTrainingSAE(TopKTrainingSAE):
         updated = torch.where(self.running_theta > 0, ema, batch_theta)
         fired_any = torch.isfinite(batch_theta)
         self.running_theta.copy_(torch.where(fired_any, updated, self.running_theta))
-
-    @torch.no_grad()
-    def set_thresholds(self, threshold: torch.Tensor | float) -> None:
-        """Set calibrated thresholds (scalar broadcast); ``save_inference_model`` exports them."""
-        self.threshold.copy_(_as_threshold_vector(threshold, self.cfg.d_sae))
 
     @torch.no_grad()
     def inference_thresholds(self) -> torch.Tensor:

@@ -1,10 +1,9 @@
-"""Training curves without wandb: a trainer that records, and a runner that uses it.
+"""SAELens's ``SAETrainer``, recording its training curves.
 
-SAELens's ``SAETrainer`` only reports losses to wandb, so an offline run would end with no
-record of how training went. :class:`RecordingSAETrainer` overrides the trainer's public
-``step`` seam (the one ``fit`` and SAELens's own multi-SAE coordinator call) to keep a sample
-of every step's losses and metrics; :class:`CurveRecordingRunner` swaps it in for the trainer
-the runner built. Nothing in SAELens is patched.
+SAELens's trainer reports losses only to wandb, so an offline run would end with no record of
+how training went. :class:`RecordingSAETrainer` overrides the trainer's public ``step`` seam
+(the one ``fit`` and SAELens's own multi-SAE coordinator call) to keep a sample of every step's
+losses and metrics; nothing in SAELens is patched.
 """
 
 from __future__ import annotations
@@ -15,8 +14,6 @@ import torch
 from sae_lens.saes.sae import TrainStepOutput
 from sae_lens.training.sae_trainer import SAETrainer
 from typing_extensions import override
-
-from sae_lens_batchtopk.runner import CalibratingSAETrainingRunner
 
 # Points kept per curve: enough to see the shape, few enough that recording costs nothing.
 CURVE_POINTS = 200
@@ -65,25 +62,3 @@ class RecordingSAETrainer(SAETrainer[Any, Any]):
             if scalar or isinstance(value, (int, float)):
                 record[name] = float(value)
         return record
-
-
-class CurveRecordingRunner(CalibratingSAETrainingRunner):
-    """The calibrating runner, training through a :class:`RecordingSAETrainer`.
-
-    After ``run()``, ``training_curves`` holds the records. The trainer's state is copied back
-    to the runner's trainer afterwards because ``run()`` reads the final feature sparsity from
-    the trainer object it built.
-    """
-
-    training_curves: list[dict[str, float]]
-
-    @override
-    def run_trainer_with_interruption_handling(self, trainer: SAETrainer[Any, Any]) -> Any:
-        recording = RecordingSAETrainer.carrying_state_of(trainer)
-        try:
-            return super().run_trainer_with_interruption_handling(recording)
-        finally:
-            self.training_curves = recording.records
-            trainer.__dict__.update(
-                {name: value for name, value in vars(recording).items() if name in vars(trainer)}
-            )
