@@ -75,6 +75,7 @@ from sae_lens_batchtopk.report import (
 )
 from sae_lens_batchtopk.runner import (
     CalibratingSAETrainingRunner,
+    check_activation_buffer,
     draw_batches,
     make_runner_config,
 )
@@ -186,6 +187,7 @@ def build_settings(options: dict[str, Any], output: Path) -> TrainSettings:
         runner_options["exclude_special_tokens"] = [0]
     try:
         runner_cfg = make_runner_config(architecture, **runner_options)
+        check_activation_buffer(runner_cfg)
     except (ValueError, TypeError) as error:
         raise ConfigError(f"{error} (plugin keys: {sorted(PLUGIN_KEYS)})") from None
     return TrainSettings(runner_cfg, architecture, eval_tokens, ce_eval_batches, options)

@@ -160,6 +160,23 @@ def validate_runner_config(cfg: LanguageModelSAERunnerConfig[Any]) -> None:
         raise ValueError(f"learning-rate schedule (lr_scheduler_name, ...): {error}") from None
 
 
+def check_activation_buffer(cfg: LanguageModelSAERunnerConfig[Any]) -> None:
+    """The runner's activation buffer must hold at least one training batch.
+
+    SAELens's mixing buffer refuses a smaller one, but only once the model has loaded and the
+    first batch is drawn; SAELens's own defaults (20 x 128 tokens, 4096-token batches) trip it.
+    Training from an iterator of batches (``SAETrainer`` alone) has no such buffer.
+    """
+    positions = len(range(cfg.context_size)[slice(*cfg.seqpos_slice)])
+    if cfg.n_batches_in_buffer * positions < cfg.train_batch_size_tokens:
+        raise ValueError(
+            f"the activation buffer holds n_batches_in_buffer x context positions ="
+            f" {cfg.n_batches_in_buffer} x {positions} tokens, fewer than one batch"
+            f" (train_batch_size_tokens={cfg.train_batch_size_tokens}); raise"
+            " n_batches_in_buffer"
+        )
+
+
 def record_dead_window(cfg: LanguageModelSAERunnerConfig[Any]) -> dict[str, Any] | None:
     """Record in the SAE config's metadata which dead-latent window training will use.
 
@@ -226,6 +243,7 @@ class CalibratingSAETrainingRunner(LanguageModelSAETrainingRunner):
     ) -> None:
         # Checked before SAELens loads the model, so a bad setting costs nothing.
         validate_runner_config(cfg)
+        check_activation_buffer(cfg)
         window = record_dead_window(cfg)
         super().__init__(cfg, override_dataset, override_model, override_sae)
         if window is not None:  # also when the caller passed its own SAE (override_sae)

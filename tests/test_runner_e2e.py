@@ -28,6 +28,7 @@ from sae_lens_batchtopk import (
     CalibratedBatchTopKTrainingSAEConfig,
     make_runner_config,
 )
+from sae_lens_batchtopk.runner import check_activation_buffer
 
 
 def run_python(code: str, env: dict[str, str] | None = None) -> str:
@@ -187,6 +188,10 @@ def test_sae_lens_cli_knows_the_architecture() -> None:
 
 
 def test_make_runner_config_splits_and_validates() -> None:
+    # SAELens's default buffer (20 x 128 tokens) is smaller than its default 4096-token batch,
+    # which its mixing buffer refuses once the model has loaded; our runner refuses it first.
+    with pytest.raises(ValueError, match="raise n_batches_in_buffer"):
+        check_activation_buffer(make_runner_config(d_in=16, d_sae=64, k=4))
     cfg = make_runner_config(
         d_in=16,
         d_sae=64,
