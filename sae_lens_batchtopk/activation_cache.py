@@ -40,7 +40,11 @@ from tqdm.auto import tqdm
 from transformer_lens import HookedTransformer
 
 from sae_lens_batchtopk.atomic import write_safetensors
-from sae_lens_batchtopk.offline import load_wikipedia_leads, special_token_ids, tokenize_dataset
+from sae_lens_batchtopk.tools.offline import (
+    load_wikipedia_leads,
+    special_token_ids,
+    tokenize_dataset,
+)
 
 SPLITS: tuple[str, ...] = ("heldout", "calibration", "train")
 _STORAGE_DTYPES = {"float16": torch.float16, "float32": torch.float32}

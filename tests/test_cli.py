@@ -17,7 +17,7 @@ from conftest import TINY_D_MODEL, TINY_HOOK, needs_offline_assets, tiny_runner_
 from sae_lens import SAE
 
 from sae_lens_batchtopk import CalibratedBatchTopKSAE
-from sae_lens_batchtopk.cli import Resources, main
+from sae_lens_batchtopk.tools.cli import Resources, main
 
 CONFIGS = Path(__file__).parent.parent / "configs"
 DEFAULT_CONFIG = CONFIGS / "smollm2-135m-wiki.yaml"

@@ -33,9 +33,9 @@ from sae_lens_batchtopk import (
     calibrate_thresholds,
 )
 from sae_lens_batchtopk import calibration as calibration_module
-from sae_lens_batchtopk.cli import Resources, main
 from sae_lens_batchtopk.runner import CalibratingSAETrainingRunner
 from sae_lens_batchtopk.saes.calibrated_batchtopk_sae import SAE_LENS_FIELDS
+from sae_lens_batchtopk.tools.cli import Resources, main
 
 # A non-default value for every field of SAELens's BatchTopKTrainingSAEConfig.
 SAE_LENS_VALUES: dict[str, object] = {

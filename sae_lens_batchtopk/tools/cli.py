@@ -55,24 +55,6 @@ from sae_lens_batchtopk.calibration import (
 )
 from sae_lens_batchtopk.evaluation import calibrate_with_report
 from sae_lens_batchtopk.finite import NonFiniteError
-from sae_lens_batchtopk.offline import (
-    OfflineAssetMissingError,
-    load_smollm2,
-    load_wikipedia_leads,
-    smollm2_checkpoint,
-    special_token_ids,
-    tokenize_dataset,
-)
-from sae_lens_batchtopk.report import (
-    CURVES_FILE,
-    CURVES_PLOT,
-    DENSITY_PLOT,
-    L0_PLOT,
-    METRICS_FILE,
-    REPORT_FILE,
-    format_calibration_report,
-    write_report,
-)
 from sae_lens_batchtopk.runner import (
     CalibratingSAETrainingRunner,
     check_activation_buffer,
@@ -82,6 +64,24 @@ from sae_lens_batchtopk.runner import (
 from sae_lens_batchtopk.saes.calibrated_batchtopk_sae import (
     ARCHITECTURE,
     CalibratedBatchTopKSAE,
+)
+from sae_lens_batchtopk.tools.offline import (
+    OfflineAssetMissingError,
+    load_smollm2,
+    load_wikipedia_leads,
+    smollm2_checkpoint,
+    special_token_ids,
+    tokenize_dataset,
+)
+from sae_lens_batchtopk.tools.report import (
+    CURVES_FILE,
+    CURVES_PLOT,
+    DENSITY_PLOT,
+    L0_PLOT,
+    METRICS_FILE,
+    REPORT_FILE,
+    format_calibration_report,
+    write_report,
 )
 from sae_lens_batchtopk.validation import (
     check_average_l0,
