@@ -307,7 +307,7 @@ class BenchConfig:
         schedule = learning_rate_schedule(self)
         if not is_constant_schedule(schedule):
             raise ValueError(
-                f"--snapshot-tokens: snapshots equal separate shorter runs only under a constant"
+                "--snapshot-tokens: snapshots equal separate shorter runs only under a constant"
                 f" learning rate, and --preset {self.preset} trains with {schedule}; train"
                 " separately instead"
             )
@@ -1428,8 +1428,10 @@ def nmse_vs_l0_figure(rows: Sequence[Mapping[str, Any]]) -> plt.Figure:
 
 
 def _hooks_text(settings: Mapping[str, Any]) -> str:
+    """``hook `a` `` for one benchmark, ``hooks `a`, `b` `` for combined ones."""
     hooks = settings["hook_name"]
-    return ", ".join(f"`{hook}`" for hook in ([hooks] if isinstance(hooks, str) else hooks))
+    hooks = [hooks] if isinstance(hooks, str) else hooks
+    return ("hook " if len(hooks) == 1 else "hooks ") + ", ".join(f"`{hook}`" for hook in hooks)
 
 
 def benchmarks_section(results: Mapping[str, Any]) -> str:
@@ -1458,7 +1460,7 @@ def benchmarks_section(results: Mapping[str, Any]) -> str:
             f"## BatchTopK benchmark, {results['date'][:10]}",
             "",
             *header,
-            f"- Model {settings['model_name']}, hook {_hooks_text(settings)};"
+            f"- Model {settings['model_name']}, {_hooks_text(settings)};"
             f" {settings['total_training_tokens']:,} training tokens per run"
             f" ({settings['epochs']} epoch(s) of {settings['train_tokens']:,}),"
             f" batch {settings['batch_size']}, Adam lr {settings['lr']:g} (cosine to lr/10),"
@@ -1481,7 +1483,7 @@ def _defaults_section(results: Mapping[str, Any], header: list[str], evaluation:
         f"## SAELens defaults: calibrated_batchtopk vs batchtopk vs topk, {results['date'][:10]}",
         "",
         *header,
-        f"- Model {settings['model_name']}, hooks {_hooks_text(settings)};"
+        f"- Model {settings['model_name']}, {_hooks_text(settings)};"
         f" {settings['total_training_tokens']:,} training tokens per run"
         f" ({settings['epochs']} epoch(s) of {settings['train_tokens']:,})," + evaluation,
         f"- Every run has SAELens {settings['sae_lens_version']}'s own defaults, read from its"
@@ -1502,8 +1504,8 @@ def _defaults_section(results: Mapping[str, Any], header: list[str], evaluation:
             " (bitwise on CPU, `tests/test_bench.py`)."
         )
     lines += [
-        f"- Ours is calibrated (`l0`) to k, and to the held-out L0 of the built-in"
-        f" `batchtopk[ema]` (SAELens's JumpReLU export) in the same cell; the last column"
+        "- Ours is calibrated (`l0`) to k, and to the held-out L0 of the built-in"
+        " `batchtopk[ema]` (SAELens's JumpReLU export) in the same cell; the last column"
         f" compares those two at equal L0 (within {EQUAL_L0_TOLERANCE:.0%}; `unclear` when the"
         " L0 gap could explain the NMSE gap). `bt[l0]`: the built-in's weights calibrated by us"
         " to k.",
@@ -1721,7 +1723,7 @@ def build_parser() -> argparse.ArgumentParser:
         default=defaults.preset,
         help=f"{BENCH_PRESET}: every architecture shares the settings above;"
         f" {SAE_LENS_DEFAULTS_PRESET}: each run keeps SAELens's own trainer and SAE-config"
-        f" defaults, only architecture, k, shape, device, seed and tokens are set (compares"
+        " defaults, only architecture, k, shape, device, seed and tokens are set (compares"
         f" {', '.join(PRESET_ARCHITECTURES)}; the options only the {BENCH_PRESET} preset"
         " reads are refused)",
     )
