@@ -27,13 +27,39 @@ KL scores with the full model on fixed held-out sequences, dead-latent fraction,
 throughput and peak memory. Outputs go to ``--output``: ``bench.json``, ``bench.md``,
 ``nmse_vs_l0.png`` and ``BENCHMARKS_section.md`` (a ready-to-paste section with the command,
 machine and date).
+
+Everything above is the ``bench`` preset, which overrides every architecture's settings so that
+only the architecture differs. That hides how users meet the library, so ``--preset
+sae-lens-defaults`` does the opposite: each run gets SAELens's own defaults, read from
+``LanguageModelSAERunnerConfig`` and each architecture's training config (learning rate,
+constant schedule, batch size, Adam betas, dead-feature window, no activation normalisation,
+each architecture's own decoder-bias init, ...). Only ``architecture``, ``k``, ``d_in``,
+``d_sae``, ``device``, ``seed`` and the training tokens are set (and logging is off); each run
+file records the resolved trainer and SAE settings. It compares ``topk``, ``batchtopk`` and
+``calibrated_batchtopk``, deployed as follows:
+
+- ``topk``: its TopK inference SAE; ``batchtopk``: its JumpReLU export with the EMA θ
+  (``[ema]``) and, as an extra row, the same weights calibrated by us to k (``[l0]``).
+- ``calibrated_batchtopk``: calibrated with ``l0`` to k (``[l0]``) and, on the same split, to the
+  held-out inference L0 the built-in ``batchtopk[ema]`` reached in the same cell
+  (``[l0@batchtopk]``), the comparison at equal L0 that :func:`equal_l0_verdict` judges.
+
+``--snapshot-tokens`` evaluates one training run at several token budgets: the SAE is copied
+as the trainer asks for the first batch after the budget. Under a constant learning rate (no
+warm-up, no decay) nothing a step computes depends on the total budget, so the copy equals a
+separate run of that many tokens on the same batch stream, bit for bit on CPU
+(``tests/test_bench.py`` checks it); any other schedule is refused. Several ``--hook`` values
+run one benchmark per hook (each resumable in its own ``--output`` subfolder) and write one
+combined table and section.
 """
 
 from __future__ import annotations
 
 import argparse
+import copy
 import dataclasses
 import datetime
+import functools
 import gc
 import hashlib
 import importlib.metadata
@@ -46,7 +72,7 @@ import shlex
 import sys
 import threading
 import time
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
@@ -59,7 +85,7 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt
 import torch
 from matplotlib.ticker import FuncFormatter, NullFormatter
-from sae_lens.config import LanguageModelSAERunnerConfig
+from sae_lens.config import LanguageModelSAERunnerConfig, SAETrainerConfig
 from sae_lens.registry import SAE_TRAINING_CLASS_REGISTRY
 from sae_lens.saes.sae import SAE, TrainingSAE
 from sae_lens.training.sae_trainer import SAETrainer
@@ -73,6 +99,7 @@ from sae_lens_batchtopk.activation_cache import (
 from sae_lens_batchtopk.aux_losses import registered_aux_losses
 from sae_lens_batchtopk.calibration import (
     METHODS,
+    CalibrationError,
     applicable_methods,
     calibrate_thresholds,
     check_token_budget,
@@ -103,6 +130,31 @@ RUNS_DIR = "runs"
 _RUN_SELECTION_SETTINGS = frozenset(
     {"k", "d_sae", "architectures", "aux_variants", "output", "cache_dir", "rerun", "memory_probe"}
 )
+BENCH_PRESET = "bench"
+SAE_LENS_DEFAULTS_PRESET = "sae-lens-defaults"
+PRESETS: tuple[str, ...] = (BENCH_PRESET, SAE_LENS_DEFAULTS_PRESET)
+# What the sae-lens-defaults preset compares, in training order: ours is calibrated to the L0
+# the built-in batchtopk reached in the same cell, so batchtopk trains first.
+PRESET_ARCHITECTURES: tuple[str, ...] = ("topk", "batchtopk", ARCHITECTURE)
+# BenchConfig fields only the bench preset reads (field -> option). The sae-lens-defaults preset
+# takes SAELens's values instead, so setting any of them there is an error, not a silent no-op.
+BENCH_PRESET_FIELDS: dict[str, str] = {
+    "lr": "--lr",
+    "adam_beta1": "adam_beta1",
+    "adam_beta2": "adam_beta2",
+    "batch_size": "--batch-size",
+    "dead_window_tokens": "--dead-window-tokens",
+    "jumprelu_l0_coefficient": "--jumprelu-l0-coefficient",
+    "aux_variants": "--aux-variants",
+}
+# Settings added after run files were first written: hashed only when they differ from these
+# defaults, so runs finished before the settings existed keep their fingerprint and resume.
+_LATER_SETTINGS: dict[str, Any] = {"preset": BENCH_PRESET, "snapshot_tokens": ()}
+# Held-out L0s within this relative distance count as equal for the verdict. Calibrating to a
+# target on the calibration split lands about half a percent off it on held-out tokens.
+EQUAL_L0_TOLERANCE = 0.01
+# Label of ours calibrated to the built-in batchtopk's held-out L0.
+EQUAL_L0_METHOD = "l0@batchtopk"
 # The RSS sampler's period: short enough to catch the peak of a training step.
 _RSS_SAMPLE_SECONDS = 0.005
 # Tokens encoded at once while evaluating; bounds the tokens x d_sae working memory.
@@ -127,6 +179,14 @@ class BenchConfig:
             (by default they are reused, so an interrupted benchmark resumes).
         memory_probe: measure each run's peak memory in a fresh process
             (:func:`probe_peak_memory`, a few seconds per run); ``False`` reports ``None``.
+        preset: ``"bench"`` (every setting above, shared by all architectures) or
+            ``"sae-lens-defaults"`` (SAELens's own trainer and SAE-config defaults per
+            architecture; the fields in :data:`BENCH_PRESET_FIELDS` must stay at their defaults).
+        architectures: empty means the preset's own list (:data:`DEFAULT_ARCHITECTURES`, or
+            :data:`PRESET_ARCHITECTURES`).
+        snapshot_tokens: also evaluate each run after this many training tokens (rounded down
+            to whole batches), a copy taken during the one training run; needs a constant
+            learning rate (see the module docstring).
     """
 
     k: tuple[float, ...] = (16, 32, 64)
@@ -145,7 +205,7 @@ class BenchConfig:
     dead_window_tokens: int = 1_000_000
     jumprelu_l0_coefficient: float = 1.0
     device: str = "cpu"
-    architectures: tuple[str, ...] = DEFAULT_ARCHITECTURES
+    architectures: tuple[str, ...] = ()
     aux_variants: tuple[str, ...] = ("auxk",)
     cache_dir: Path | None = None
     output: Path = Path("bench_output")
@@ -153,12 +213,35 @@ class BenchConfig:
     model_name: str = MODEL_NAME
     rerun: bool = False
     memory_probe: bool = True
+    preset: str = BENCH_PRESET
+    snapshot_tokens: tuple[int, ...] = ()
+
+    def __post_init__(self) -> None:
+        if not self.architectures:
+            default = DEFAULT_ARCHITECTURES if self.preset == BENCH_PRESET else PRESET_ARCHITECTURES
+            object.__setattr__(self, "architectures", default)
 
     def validate(self) -> None:
         """Reject bad settings before any work, naming the command-line option at fault."""
-        unknown = sorted(set(self.architectures) - set(ARCHITECTURES))
-        if unknown or not self.architectures:
-            raise ValueError(f"--architectures: unknown {unknown}; choose from {ARCHITECTURES}")
+        if self.preset not in PRESETS:
+            raise ValueError(f"--preset: unknown {self.preset!r}; choose from {PRESETS}")
+        if self.preset == BENCH_PRESET:
+            allowed = ARCHITECTURES
+        else:
+            allowed = PRESET_ARCHITECTURES
+            self._check_preset_fields()
+        unknown = sorted(set(self.architectures) - set(allowed))
+        if unknown:
+            raise ValueError(
+                f"--architectures: {unknown} not available with --preset {self.preset};"
+                f" choose from {allowed}"
+            )
+        ours_alone = ARCHITECTURE in self.architectures and "batchtopk" not in self.architectures
+        if self.preset != BENCH_PRESET and ours_alone:
+            raise ValueError(
+                f"--architectures: --preset {self.preset} calibrates {ARCHITECTURE} to the"
+                " L0 the built-in batchtopk reached; add batchtopk"
+            )
         known_losses = set(registered_aux_losses())
         for variant in self.aux_variants:
             if variant != "none" and set(variant.split("+")) - known_losses:
@@ -194,10 +277,10 @@ class BenchConfig:
         for option, value in positive.items():
             if value <= 0:
                 raise ValueError(f"{option} must be positive, got {value}")
-        if self.train_tokens < self.batch_size:
+        if self.train_tokens < self.training_batch_size:
             raise ValueError(
-                f"--train-tokens {self.train_tokens} is less than one --batch-size"
-                f" ({self.batch_size})"
+                f"--train-tokens {self.train_tokens} is less than one training batch"
+                f" ({self.training_batch_size} tokens)"
             )
         if self.dead_window_tokens < self.batch_size:
             raise ValueError("--dead-window-tokens must be at least one --batch-size")
@@ -207,6 +290,46 @@ class BenchConfig:
             raise ValueError(f"--device must be cpu or cuda, got {self.device!r}")
         if self.device == "cuda" and not torch.cuda.is_available():
             raise ValueError("--device cuda: CUDA is not available on this machine")
+        self._check_snapshots()
+
+    def _check_preset_fields(self) -> None:
+        """Under sae-lens-defaults, the bench preset's own settings must not be set at all."""
+        defaults = BenchConfig()
+        for name, option in BENCH_PRESET_FIELDS.items():
+            if getattr(self, name) != getattr(defaults, name):
+                raise ValueError(
+                    f"{option}: --preset {self.preset} uses SAELens's own value; drop {option}"
+                )
+
+    def _check_snapshots(self) -> None:
+        if not self.snapshot_tokens:
+            return
+        schedule = learning_rate_schedule(self)
+        if not is_constant_schedule(schedule):
+            raise ValueError(
+                "--snapshot-tokens: snapshots equal separate shorter runs only under a constant"
+                f" learning rate, and --preset {self.preset} trains with {schedule}; train"
+                " separately instead"
+            )
+        for tokens in self.snapshot_tokens:
+            if not self.training_batch_size <= tokens < self.total_training_tokens:
+                raise ValueError(
+                    f"--snapshot-tokens {tokens}: must be at least one training batch"
+                    f" ({self.training_batch_size} tokens) and below the"
+                    f" {self.total_training_tokens} tokens every run trains on"
+                )
+        if len(set(self.snapshot_steps)) < len(self.snapshot_tokens):
+            raise ValueError(
+                f"--snapshot-tokens {list(self.snapshot_tokens)}: two values fall in the same"
+                f" training batch of {self.training_batch_size} tokens"
+            )
+
+    @property
+    def training_batch_size(self) -> int:
+        """Tokens per training step: ``batch_size``, or SAELens's default under its preset."""
+        if self.preset == BENCH_PRESET:
+            return self.batch_size
+        return int(runner_defaults()["train_batch_size_tokens"])
 
     @property
     def dead_window_steps(self) -> int:
@@ -215,7 +338,13 @@ class BenchConfig:
     @property
     def total_training_tokens(self) -> int:
         """Tokens every run trains on: whole batches of ``epochs`` passes over the train split."""
-        return (self.train_tokens // self.batch_size) * self.batch_size * self.epochs
+        batch = self.training_batch_size
+        return (self.train_tokens // batch) * batch * self.epochs
+
+    @property
+    def snapshot_steps(self) -> list[int]:
+        """Training steps after which snapshots are taken (whole batches), ascending."""
+        return sorted(tokens // self.training_batch_size for tokens in self.snapshot_tokens)
 
     def cache_spec(self) -> CacheSpec:
         return CacheSpec(
@@ -275,11 +404,13 @@ def run_benchmark(
     model, cache = load_model_and_cache(
         config.cache_spec(), config.device, config.cache_dir, model, show_progress
     )
-    heldout = cache.batches("heldout", _EVAL_BATCH_TOKENS)
-    calibration = cache.batches("calibration", config.batch_size)
-    stats = train_statistics(cache)
-
-    special_ids = special_token_ids(model.tokenizer)
+    evaluation = _Evaluation(
+        model=model,
+        heldout=cache.batches("heldout", _EVAL_BATCH_TOKENS),
+        calibration=cache.batches("calibration", config.training_batch_size),
+        special_ids=special_token_ids(model.tokenizer),
+    )
+    stats = train_statistics(cache) if config.preset == BENCH_PRESET else None
     runs_dir = Path(config.output) / RUNS_DIR
     fingerprint = settings_fingerprint(config)
     rows: list[dict[str, Any]] = []
@@ -290,49 +421,38 @@ def run_benchmark(
                 runner_config = _runner_config(
                     architecture, k, d_sae, config, cache.d_in, variant, show_progress
                 )
-                finished = _finished_run(run_file, fingerprint, config.rerun)
-                if finished is not None:
+                builtin_l0s = _builtin_l0s(config, architecture, rows, k, d_sae)
+                # Ours is calibrated to the built-in's L0s: a stored run is valid only for them.
+                if builtin_l0s is not None:
+                    run_fingerprint = _hash([fingerprint, builtin_l0s])
+                else:
+                    run_fingerprint = fingerprint
+                run = _finished_run(run_file, run_fingerprint, config.rerun)
+                if run is not None:
                     if show_progress:
                         print(f"reusing {run_file} (same settings)")
-                    rows.extend(
-                        _with_memory_probe(run_file, finished, runner_config, config, cache, stats)
-                    )
-                    continue
-                trained, training = _train(runner_config, k, config, cache, stats)
-                run_rows: list[dict[str, Any]] = []
-                saes: dict[str, SAE[Any]] = {}
-                for method, sae, extra in _inference_saes(architecture, trained, calibration):
-                    label = architecture if variant is None else f"{architecture}/{variant}"
-                    label = label if method is None else f"{label}[{method}]"
-                    saes[label] = sae
-                    run_rows.append(
-                        {
-                            "label": label,
-                            "architecture": architecture,
-                            "aux_variant": variant,
-                            "method": method,
-                            "k": k,
-                            "d_sae": d_sae,
-                            **reconstruction_stats(sae, heldout, target_l0=k),
-                            **training,
-                            **extra,
-                        }
-                    )
-                scores = model_preservation_scores(
-                    model, cache.eval_tokens, config.hook_name, saes, special_ids=special_ids
-                )
-                for row in run_rows:
-                    row.update(scores[row["label"]])
-                runs_dir.mkdir(parents=True, exist_ok=True)
-                run = {
-                    "fingerprint": fingerprint,
-                    "machine": machine_info(),
-                    "date": _now(),
-                    "rows": run_rows,
-                }
-                write_json(run_file, run)
+                else:
+                    run = {
+                        "fingerprint": run_fingerprint,
+                        "resolved_settings": resolved_settings(runner_config),
+                        "rows": _train_and_evaluate(
+                            runner_config,
+                            architecture,
+                            variant,
+                            k,
+                            config,
+                            cache,
+                            stats,
+                            evaluation,
+                            builtin_l0s,
+                        ),
+                        "machine": machine_info(),
+                        "date": _now(),
+                    }
+                    runs_dir.mkdir(parents=True, exist_ok=True)
+                    write_json(run_file, run)
                 rows.extend(_with_memory_probe(run_file, run, runner_config, config, cache, stats))
-    rows.sort(key=lambda row: (row["d_sae"], row["k"]))
+    rows.sort(key=lambda row: (row["d_sae"], row["k"], row.get("training_tokens", 0)))
 
     results = {
         "settings": _settings_dict(config),
@@ -342,12 +462,106 @@ def run_benchmark(
         "cache": {"path": str(cache.path), "reused": not cache.created},
         "rows": rows,
     }
+    if config.preset != BENCH_PRESET:
+        results["cells"] = comparison_cells(rows)
     _write_outputs(results, Path(config.output))
     return results
 
 
+@dataclass(frozen=True)
+class _Evaluation:
+    """What every trained SAE is evaluated with: the same tokens and model for all."""
+
+    model: HookedTransformer
+    heldout: list[torch.Tensor]
+    calibration: list[torch.Tensor]
+    special_ids: list[int]
+
+
+def _train_and_evaluate(
+    runner_config: LanguageModelSAERunnerConfig[Any],
+    architecture: str,
+    variant: str | None,
+    k: float,
+    config: BenchConfig,
+    cache: ActivationCache,
+    statistics: tuple[float, torch.Tensor] | None,
+    evaluation: _Evaluation,
+    builtin_l0s: Mapping[str, float] | None,
+) -> list[dict[str, Any]]:
+    """Train one run and evaluate each deployed form at each budget: one row per pair.
+
+    CE/KL scores of every form and budget share one pass of the model over the eval tokens.
+    """
+    rows: list[dict[str, Any]] = []
+    saes: dict[str, SAE[Any]] = {}
+    label = architecture if variant is None else f"{architecture}/{variant}"
+    for trained, training in _train(runner_config, k, config, cache, statistics):
+        tokens = training["training_tokens"]
+        builtin_l0 = None if builtin_l0s is None else builtin_l0s[str(tokens)]
+        for method, sae, extra in _inference_saes(
+            architecture, trained, evaluation.calibration, config, builtin_l0
+        ):
+            row_label = label if method is None else f"{label}[{method}]"
+            saes[f"{row_label}@{tokens}"] = sae
+            rows.append(
+                {
+                    "label": row_label,
+                    "architecture": architecture,
+                    "aux_variant": variant,
+                    "method": method,
+                    "k": k,
+                    "d_sae": runner_config.sae.d_sae,
+                    **_preset_fields(config),
+                    **reconstruction_stats(sae, evaluation.heldout, target_l0=k),
+                    **training,
+                    **extra,
+                }
+            )
+    scores = model_preservation_scores(
+        evaluation.model,
+        cache.eval_tokens,
+        config.hook_name,
+        saes,
+        special_ids=evaluation.special_ids,
+    )
+    for row in rows:
+        row.update(scores[f"{row['label']}@{row['training_tokens']}"])
+    return rows
+
+
+def _preset_fields(config: BenchConfig) -> dict[str, Any]:
+    """Row fields of the sae-lens-defaults preset, whose tables compare cells across hooks."""
+    if config.preset == BENCH_PRESET:
+        return {}
+    return {"preset": config.preset, "hook": config.hook_name}
+
+
+def _builtin_l0s(
+    config: BenchConfig, architecture: str, rows: Sequence[Mapping[str, Any]], k: float, d_sae: int
+) -> dict[str, float] | None:
+    """Held-out L0 of ``batchtopk[ema]`` per training budget (tokens, as a JSON key) in this
+    cell, for calibrating ours to it; ``None`` where no such comparison is made."""
+    if config.preset == BENCH_PRESET or architecture != ARCHITECTURE:
+        return None
+    return {
+        str(row["training_tokens"]): row["l0_mean"]
+        for row in rows
+        if row["label"] == "batchtopk[ema]" and row["k"] == k and row["d_sae"] == d_sae
+    }
+
+
 def _runs(config: BenchConfig) -> Iterator[tuple[str, str | None]]:
-    """(architecture, aux variant) pairs to train; built-ins keep their own aux loss (None)."""
+    """(architecture, aux variant) pairs to train; built-ins keep their own aux loss (None).
+
+    The sae-lens-defaults preset has no variants and trains in :data:`PRESET_ARCHITECTURES`
+    order, whatever order ``--architectures`` lists them in.
+    """
+    if config.preset != BENCH_PRESET:
+        for architecture in PRESET_ARCHITECTURES:
+            if architecture in config.architectures:
+                yield architecture, None
+        return
     for architecture in config.architectures:
         if architecture in CALIBRATED_ARCHITECTURES:
             for variant in config.aux_variants:
@@ -372,8 +586,15 @@ def settings_fingerprint(config: BenchConfig) -> str:
         for name, value in _settings_dict(config).items()
         if name not in _RUN_SELECTION_SETTINGS
     }
+    for name, default in _LATER_SETTINGS.items():
+        if settings.get(name) == default:
+            del settings[name]
     settings["package_version"] = _package_version()
-    return hashlib.sha256(json.dumps(settings, sort_keys=True).encode()).hexdigest()[:16]
+    return _hash(settings)
+
+
+def _hash(data: Any) -> str:
+    return hashlib.sha256(json.dumps(data, sort_keys=True).encode()).hexdigest()[:16]
 
 
 def _package_version() -> str:
@@ -397,7 +618,7 @@ def _with_memory_probe(
     runner_config: LanguageModelSAERunnerConfig[Any],
     config: BenchConfig,
     cache: ActivationCache,
-    statistics: tuple[float, torch.Tensor],
+    statistics: tuple[float, torch.Tensor] | None,
 ) -> list[dict[str, Any]]:
     """The run's rows with ``peak_memory_mb`` from :func:`probe_peak_memory`.
 
@@ -406,7 +627,7 @@ def _with_memory_probe(
     """
     if "memory_probe" not in run and config.memory_probe:
         batches = itertools.islice(
-            cache.train_batches(config.batch_size, seed=config.seed), MEMORY_PROBE_STEPS
+            cache.train_batches(config.training_batch_size, seed=config.seed), MEMORY_PROBE_STEPS
         )
         run["memory_probe"] = {
             "peak_memory_mb": probe_peak_memory(runner_config, list(batches), statistics),
@@ -426,11 +647,25 @@ def _aux_losses(variant: str) -> dict[str, float]:
 
 
 def _settings_dict(config: BenchConfig) -> dict[str, Any]:
+    """The benchmark's settings as recorded (and fingerprinted): what its runs depend on.
+
+    Under the sae-lens-defaults preset the bench preset's own settings are left out (nothing
+    reads them) and SAELens's version and trainer defaults are recorded in their place.
+    """
     settings = dataclasses.asdict(config)
     settings["cache_dir"] = str(config.cache_dir) if config.cache_dir else None
     settings["output"] = str(config.output)
     settings["total_training_tokens"] = config.total_training_tokens
-    settings["dead_window_steps"] = config.dead_window_steps
+    if config.preset == BENCH_PRESET:
+        settings["dead_window_steps"] = config.dead_window_steps
+        return settings
+    for name in BENCH_PRESET_FIELDS:
+        del settings[name]
+    settings["sae_lens_version"] = importlib.metadata.version("sae-lens")
+    settings["sae_lens_trainer_defaults"] = sae_lens_trainer_defaults()
+    settings["snapshot_training_tokens"] = [
+        steps * config.training_batch_size for steps in config.snapshot_steps
+    ]
     return settings
 
 
@@ -452,6 +687,73 @@ def train_statistics(cache: ActivationCache) -> tuple[float, torch.Tensor]:
     return math.sqrt(cache.d_in) * n_tokens / norm_sum, (total / n_tokens).float()
 
 
+@functools.cache
+def runner_defaults() -> dict[str, Any]:
+    """``LanguageModelSAERunnerConfig``'s field defaults, read from SAELens's dataclass."""
+    defaults: dict[str, Any] = {}
+    for field in dataclasses.fields(LanguageModelSAERunnerConfig):
+        if field.default is not dataclasses.MISSING:
+            defaults[field.name] = field.default
+        elif field.default_factory is not dataclasses.MISSING:
+            defaults[field.name] = field.default_factory()
+    return defaults
+
+
+def sae_lens_trainer_defaults() -> dict[str, Any]:
+    """SAELens's defaults for the runner settings its ``SAETrainer`` reads (JSON-ready).
+
+    The names are those ``SAETrainerConfig`` shares with the runner config, plus the batch
+    size (``train_batch_size_tokens`` there, ``train_batch_size_samples`` in the trainer);
+    what only places files or logs (device, checkpoint path, logger) is left out.
+    """
+    defaults = runner_defaults()
+    shared = {field.name for field in dataclasses.fields(SAETrainerConfig)} & defaults.keys()
+    names = [*sorted(shared - {"device", "checkpoint_path", "logger"}), "train_batch_size_tokens"]
+    return {name: defaults[name] for name in names}
+
+
+def _trainer_options(config: BenchConfig, show_progress: bool) -> dict[str, Any]:
+    """The runner-level options a preset sets; everything else keeps SAELens's default."""
+    options: dict[str, Any] = {
+        "training_tokens": config.total_training_tokens,
+        "device": config.device,
+        "seed": config.seed,
+        "log_to_wandb": False,
+        "verbose": show_progress,
+    }
+    if config.preset == BENCH_PRESET:
+        options.update(
+            train_batch_size_tokens=config.batch_size,
+            lr=config.lr,
+            lr_end=config.lr / 10,
+            lr_scheduler_name="cosineannealing",
+            adam_beta1=config.adam_beta1,
+            adam_beta2=config.adam_beta2,
+            dead_feature_window=config.dead_window_steps,
+        )
+    return options
+
+
+def learning_rate_schedule(config: BenchConfig) -> dict[str, Any]:
+    """The schedule every run of ``config`` trains with: the preset's, else SAELens's default."""
+    options = _trainer_options(config, show_progress=False)
+    names = ("lr_scheduler_name", "lr_warm_up_steps", "lr_decay_steps")
+    return {name: options.get(name, runner_defaults()[name]) for name in names}
+
+
+def is_constant_schedule(schedule: Mapping[str, Any]) -> bool:
+    """Whether the learning rate is the same at every step, whatever the total budget.
+
+    Only then is the state after N steps of a long run the state of an N-step run: warm-up,
+    decay and cosine schedules are stretched to the total number of steps.
+    """
+    return (
+        schedule["lr_scheduler_name"] == "constant"
+        and schedule["lr_warm_up_steps"] == 0
+        and schedule["lr_decay_steps"] == 0
+    )
+
+
 def _sae_options(
     architecture: str,
     k: float,
@@ -460,6 +762,9 @@ def _sae_options(
     d_in: int,
     aux_variant: str | None,
 ) -> dict[str, Any]:
+    if config.preset != BENCH_PRESET:
+        # SAELens's own config for the architecture: only the shape and k are set.
+        return {"d_in": d_in, "d_sae": d_sae, "k": int(k) if architecture == "topk" else float(k)}
     options: dict[str, Any] = {
         "d_in": d_in,
         "d_sae": d_sae,
@@ -499,19 +804,14 @@ def _runner_config(
     return make_runner_config(
         architecture,
         **_sae_options(architecture, k, d_sae, config, d_in, aux_variant),
-        training_tokens=config.total_training_tokens,
-        train_batch_size_tokens=config.batch_size,
-        lr=config.lr,
-        lr_end=config.lr / 10,
-        lr_scheduler_name="cosineannealing",
-        adam_beta1=config.adam_beta1,
-        adam_beta2=config.adam_beta2,
-        dead_feature_window=config.dead_window_steps,
-        device=config.device,
-        seed=config.seed,
-        log_to_wandb=False,
-        verbose=show_progress,
+        **_trainer_options(config, show_progress),
     )
+
+
+def resolved_settings(runner_config: LanguageModelSAERunnerConfig[Any]) -> dict[str, Any]:
+    """What a run trains with, as SAELens resolved it: its ``SAETrainer`` and SAE configs."""
+    trainer = dataclasses.asdict(runner_config.to_sae_trainer_config())
+    return {"trainer": trainer, "sae": runner_config.sae.to_dict()}
 
 
 def _train(
@@ -519,28 +819,83 @@ def _train(
     k: float,
     config: BenchConfig,
     cache: ActivationCache,
-    statistics: tuple[float, torch.Tensor],
-) -> tuple[TrainingSAE[Any], dict[str, Any]]:
-    """One run through SAELens's ``SAETrainer``; returns the SAE and its time figures."""
-    sae, trainer = new_sae_and_trainer(
-        runner_config, cache.train_batches(config.batch_size, seed=config.seed), statistics
-    )
+    statistics: tuple[float, torch.Tensor] | None,
+) -> list[tuple[TrainingSAE[Any], dict[str, Any]]]:
+    """One run through SAELens's ``SAETrainer``, evaluated at every budget it reaches.
+
+    Returns ``(SAE, training figures)`` per budget, ascending: a copy taken at each of
+    ``config.snapshot_steps`` (see :func:`_snapshots_at`), then the trained SAE itself.
+    """
+    if config.snapshot_steps and not is_constant_schedule(vars(runner_config)):
+        # BenchConfig.validate refuses this first; checked again on what actually trains.
+        raise ValueError("--snapshot-tokens: snapshots need a constant learning rate")
+    batches = cache.train_batches(config.training_batch_size, seed=config.seed)
+    sae, trainer = new_sae_and_trainer(runner_config, batches, statistics)
     extra: dict[str, Any] = {}
     if runner_config.sae.architecture() == "jumprelu":
+        scaling_factor = statistics[0] if statistics is not None else 1.0
         extra["jumprelu_init_threshold"] = _init_jumprelu_threshold(
-            sae, cache.train_batches(config.batch_size, seed=config.seed + 1), statistics[0], k
+            sae,
+            cache.train_batches(config.training_batch_size, seed=config.seed + 1),
+            scaling_factor,
+            k,
         )
         extra["jumprelu_l0_coefficient"] = config.jumprelu_l0_coefficient
+    snapshots: list[tuple[TrainingSAE[Any], float, float]] = []
+    trainer.data_provider = _snapshots_at(trainer, batches, config.snapshot_steps, snapshots)
     start = time.perf_counter()
     trainer.fit()
     if config.device == "cuda":
         torch.cuda.synchronize()
-    seconds = time.perf_counter() - start
-    return sae, {
-        "train_seconds": seconds,
-        "train_tokens_per_s": config.total_training_tokens / seconds,
-        **extra,
-    }
+    snapshots.append((sae, time.perf_counter(), _dead_fraction(trainer)))
+    budgets = []
+    for (trained, end, dead_fraction), steps in zip(
+        snapshots, [*config.snapshot_steps, trainer.n_training_steps], strict=True
+    ):
+        tokens = steps * config.training_batch_size
+        budgets.append(
+            (
+                trained,
+                {
+                    "train_seconds": end - start,
+                    "train_tokens_per_s": tokens / (end - start),
+                    "training_tokens": tokens,
+                    "snapshot": trained is not sae,
+                    "train_dead_fraction": dead_fraction,
+                    **extra,
+                },
+            )
+        )
+    return budgets
+
+
+def _snapshots_at(
+    trainer: SAETrainer[Any, Any],
+    batches: Iterator[torch.Tensor],
+    steps: Sequence[int],
+    snapshots: list[tuple[TrainingSAE[Any], float, float]],
+) -> Iterator[torch.Tensor]:
+    """``batches``, appending a copy of the SAE to ``snapshots`` after each of ``steps``.
+
+    The trainer asks for a batch once it has finished ``trainer.n_training_steps`` steps, so
+    the copy is the SAE after exactly that many steps, whatever the trainer drew before the
+    loop. Each entry: (copy, ``perf_counter`` time, SAELens's dead-latent fraction then).
+    """
+    pending = list(steps)
+    for batch in batches:
+        if pending and trainer.n_training_steps == pending[0]:
+            pending.pop(0)
+            if trainer.cfg.device.startswith("cuda"):
+                torch.cuda.synchronize()
+            snapshots.append(
+                (copy.deepcopy(trainer.sae), time.perf_counter(), _dead_fraction(trainer))
+            )
+        yield batch
+
+
+def _dead_fraction(trainer: SAETrainer[Any, Any]) -> float:
+    """SAELens's own dead-latent fraction: no firing for over ``dead_feature_window`` steps."""
+    return float(trainer.dead_neurons.float().mean())
 
 
 def load_model_and_cache(
@@ -565,22 +920,25 @@ def load_model_and_cache(
 def new_sae_and_trainer(
     runner_config: LanguageModelSAERunnerConfig[Any],
     batches: Iterator[torch.Tensor],
-    statistics: tuple[float, torch.Tensor],
+    statistics: tuple[float, torch.Tensor] | None,
 ) -> tuple[TrainingSAE[Any], SAETrainer[Any, Any]]:
     """A fresh SAE and its ``SAETrainer``, set up identically for every compared run.
 
-    Same seed for the initial weights, the decoder bias at the train-split mean (see
-    :func:`train_statistics`), and the activation scaling factor fixed in advance, so the
-    trainer does not estimate it from (and thereby consume) batches of ``batches``.
+    Same seed for the initial weights. With ``statistics`` (the bench preset), the decoder
+    bias starts at the train-split mean (see :func:`train_statistics`) and the activation
+    scaling factor is fixed in advance, so the trainer does not estimate it from (and thereby
+    consume) batches of ``batches``. Without (``None``, the sae-lens-defaults preset), both
+    are left to SAELens and the architecture, as a user of the library gets them.
     """
-    scaling_factor, train_mean = statistics
     torch.manual_seed(runner_config.seed)
     sae_class = SAE_TRAINING_CLASS_REGISTRY[runner_config.sae.architecture()][0]
     sae = sae_class(runner_config.sae).to(runner_config.device)
-    with torch.no_grad():
-        sae.b_dec.copy_(train_mean * scaling_factor)
     trainer = SAETrainer(cfg=runner_config.to_sae_trainer_config(), sae=sae, data_provider=batches)
-    trainer.activation_scaler.scaling_factor = scaling_factor
+    if statistics is not None:
+        scaling_factor, train_mean = statistics
+        with torch.no_grad():
+            sae.b_dec.copy_(train_mean * scaling_factor)
+        trainer.activation_scaler.scaling_factor = scaling_factor
     return sae, trainer
 
 
@@ -605,23 +963,63 @@ def _init_jumprelu_threshold(
 
 
 def _inference_saes(
-    architecture: str, trained: TrainingSAE[Any], calibration: Sequence[torch.Tensor]
+    architecture: str,
+    trained: TrainingSAE[Any],
+    calibration: Sequence[torch.Tensor],
+    config: BenchConfig,
+    builtin_l0: float | None,
 ) -> Iterator[tuple[str | None, SAE[Any], dict[str, Any]]]:
-    """The deployed form(s) of a trained SAE: ``(method, inference SAE, extra row fields)``."""
+    """The deployed form(s) of a trained SAE: ``(method, inference SAE, extra row fields)``.
+
+    ``builtin_l0``: the held-out L0 of the built-in ``batchtopk[ema]`` in the same cell, which
+    ours is also calibrated to under the sae-lens-defaults preset (``None`` otherwise).
+    """
+    defaults_preset = config.preset != BENCH_PRESET
     if architecture == "batchtopk":
         yield "ema", CalibratedBatchTopKSAE.from_sae(trained), {}
+        if defaults_preset:  # the built-in's weights, calibrated by us to k
+            converted = CalibratedBatchTopKSAE.from_sae(trained)
+            yield "l0", converted, _calibrate(converted, calibration, "l0")
     elif architecture in CALIBRATED_ARCHITECTURES:
-        n_tokens = sum(batch.shape[0] for batch in calibration)
-        for method in applicable_methods(trained):
-            result = calibrate_thresholds(trained, calibration, method=method, n_tokens=n_tokens)
-            extra = {
-                "calibration_theta": result.theta,
-                "calibration_l0": result.achieved_l0,
-                "calibration_tokens": result.n_tokens,
-            }
-            yield method, CalibratedBatchTopKSAE.from_sae(trained), extra
+        equal_l0: list[tuple[str, SAE[Any], dict[str, Any]]] = []
+        failure: dict[str, Any] = {}
+        if builtin_l0 is not None:
+            # First, so that a target ours cannot reach is reported on its [l0] row instead of
+            # ending the benchmark.
+            try:
+                extra = _calibrate(trained, calibration, "l0", target_l0=builtin_l0)
+                equal_l0.append((EQUAL_L0_METHOD, CalibratedBatchTopKSAE.from_sae(trained), extra))
+            except CalibrationError as error:
+                failure = {"equal_l0_error": str(error)}
+        for method in ("l0",) if defaults_preset else applicable_methods(trained):
+            extra = _calibrate(trained, calibration, method)
+            yield method, CalibratedBatchTopKSAE.from_sae(trained), {**extra, **failure}
+        yield from equal_l0
     else:
         yield None, _export(trained), {}
+
+
+def _calibrate(
+    sae: SAE[Any],
+    calibration: Sequence[torch.Tensor],
+    method: str,
+    target_l0: float | None = None,
+) -> dict[str, Any]:
+    """Calibrate ``sae`` in place on the whole calibration split; the row fields it reports."""
+    n_tokens = sum(batch.shape[0] for batch in calibration)
+    result = calibrate_thresholds(
+        sae,
+        calibration,
+        method=method,
+        target_l0=target_l0,
+        n_tokens=n_tokens,
+    )
+    return {
+        "calibration_theta": result.theta,
+        "calibration_l0": result.achieved_l0,
+        "calibration_tokens": result.n_tokens,
+        "calibration_target_l0": result.target_l0,
+    }
 
 
 @torch.no_grad()
@@ -749,7 +1147,7 @@ def _rss_bytes() -> int:
 def probe_peak_memory(
     runner_config: LanguageModelSAERunnerConfig[Any],
     batches: Sequence[torch.Tensor],
-    statistics: tuple[float, torch.Tensor],
+    statistics: tuple[float, torch.Tensor] | None,
 ) -> float:
     """Peak memory of training (weights, gradients, optimizer state, temporaries), in MB.
 
@@ -769,7 +1167,7 @@ def probe_peak_memory(
 def _probe_in_child(
     runner_config: LanguageModelSAERunnerConfig[Any],
     batches: torch.Tensor,
-    statistics: tuple[float, torch.Tensor],
+    statistics: tuple[float, torch.Tensor] | None,
 ) -> float:
     batches = batches.clone()  # private pages, resident before the baseline
     gc.collect()
@@ -800,12 +1198,23 @@ def machine_info() -> dict[str, Any]:
     }
 
 
-_TABLE_COLUMNS = (
+def _l0_percentiles(row: Mapping[str, Any]) -> str:
+    return f"{row['l0_p5']:.0f}/{row['l0_p50']:.0f}/{row['l0_p95']:.0f}"
+
+
+def _tokens_cell(row: Mapping[str, Any]) -> str:
+    return f"{row['training_tokens']:,}" + (" (snapshot)" if row.get("snapshot") else "")
+
+
+# (title, row key or a function of the row, format of the value); a missing value prints "-".
+Column = tuple[str, str | Callable[[Mapping[str, Any]], str], str]
+_HOOK_COLUMN: Column = ("hook", "hook", "`{}`")
+_TABLE_COLUMNS: tuple[Column, ...] = (
     ("run", "label", "{}"),
     ("k", "k", "{:g}"),
     ("d_sae", "d_sae", "{}"),
     ("L0 mean", "l0_mean", "{:.2f}"),
-    ("L0 p5/p50/p95", None, ""),
+    ("L0 p5/p50/p95", _l0_percentiles, ""),
     ("L0 vs k", "l0_deviation", "{:+.1%}"),
     ("NMSE", "nmse", "{:.4f}"),
     ("expl. var.", "explained_variance", "{:.4f}"),
@@ -815,25 +1224,158 @@ _TABLE_COLUMNS = (
     ("train tok/s", "train_tokens_per_s", "{:,.0f}"),
     ("peak MB", "peak_memory_mb", "{:,.0f}"),
 )
+# The sae-lens-defaults preset's per-SAE table: budgets, and SAELens's own dead count too.
+_PRESET_TABLE_COLUMNS: tuple[Column, ...] = (
+    ("run", "label", "{}"),
+    _HOOK_COLUMN,
+    ("k", "k", "{:g}"),
+    ("d_sae", "d_sae", "{}"),
+    ("training tokens", _tokens_cell, ""),
+    ("L0 mean", "l0_mean", "{:.2f}"),
+    ("L0 p5/p50/p95", _l0_percentiles, ""),
+    ("L0 vs k", "l0_deviation", "{:+.1%}"),
+    ("NMSE", "nmse", "{:.4f}"),
+    ("CE score", "ce_loss_score", "{:.4f}"),
+    ("KL score", "kl_div_score", "{:.4f}"),
+    ("dead (held-out)", "dead_fraction", "{:.1%}"),
+    ("dead (SAELens mask)", "train_dead_fraction", "{:.1%}"),
+    ("train tok/s", "train_tokens_per_s", "{:,.0f}"),
+    ("peak MB", "peak_memory_mb", "{:,.0f}"),
+)
 
 
-def markdown_table(rows: Sequence[Mapping[str, Any]]) -> str:
-    """One line per evaluated SAE; runs that share a training run share tok/s and memory."""
+def _ours_builtin_topk(title: str, name: str, template: str) -> Column:
+    """One column showing a cell's ``name`` figure for ours / built-in / topk."""
+
+    def cell(row: Mapping[str, Any]) -> str:
+        values = row[name]
+        return "/".join(
+            "-" if values.get(run) is None else template.format(values[run])
+            for run in ("ours", "builtin", "topk")
+        )
+
+    return (f"{title} ours/bt/topk", cell, "")
+
+
+_CELL_COLUMNS: tuple[Column, ...] = (
+    _HOOK_COLUMN,
+    ("k", "k", "{:g}"),
+    ("d_sae", "d_sae", "{}"),
+    ("training tokens", _tokens_cell, ""),
+    ("ours L0 @k", "ours_l0", "{:.2f}"),
+    ("ours NMSE @k", "ours_nmse", "{:.4f}"),
+    ("ours L0 @bt", "ours_equal_l0", "{:.2f}"),
+    ("ours NMSE @bt L0", "ours_equal_l0_nmse", "{:.4f}"),
+    ("bt[ema] L0", "builtin_l0", "{:.2f}"),
+    ("bt[ema] NMSE", "builtin_nmse", "{:.4f}"),
+    ("bt[l0] NMSE @k", "builtin_calibrated_nmse", "{:.4f}"),
+    ("topk NMSE", "topk_nmse", "{:.4f}"),
+    _ours_builtin_topk("CE score", "ce_loss_score", "{:.4f}"),
+    _ours_builtin_topk("KL score", "kl_div_score", "{:.4f}"),
+    _ours_builtin_topk("dead", "dead_fraction", "{:.1%}"),
+    ("ours ≤ bt NMSE at equal L0", "verdict", "{}"),
+)
+
+
+def markdown_table(
+    rows: Sequence[Mapping[str, Any]], columns: Sequence[Column] = _TABLE_COLUMNS
+) -> str:
+    """One line per row; runs that share a training run share tok/s and memory.
+
+    Rows from several hooks (a combined benchmark) get a hook column if ``columns`` lacks one.
+    """
+    if _HOOK_COLUMN not in columns and len({row.get("hook") for row in rows}) > 1:
+        columns = (_HOOK_COLUMN, *columns)
     lines = [
-        "| " + " | ".join(title for title, _, _ in _TABLE_COLUMNS) + " |",
-        "|" + "---|" * len(_TABLE_COLUMNS),
+        "| " + " | ".join(title for title, _, _ in columns) + " |",
+        "|" + "---|" * len(columns),
     ]
     for row in rows:
         cells = [
-            f"{row['l0_p5']:.0f}/{row['l0_p50']:.0f}/{row['l0_p95']:.0f}"
-            if key is None
+            key(row)
+            if callable(key)
             else "-"
-            if row[key] is None
+            if row.get(key) is None
             else template.format(row[key])
-            for _, key, template in _TABLE_COLUMNS
+            for _, key, template in columns
         ]
         lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines)
+
+
+def equal_l0_verdict(
+    ours_l0: float,
+    ours_nmse: float,
+    builtin_l0: float,
+    builtin_nmse: float,
+    tolerance: float = EQUAL_L0_TOLERANCE,
+) -> str:
+    """Is ours at or below the built-in's NMSE at equal held-out L0? ``yes``/``no``/``unclear``.
+
+    Ours is calibrated to the built-in's L0 on the calibration split, so on held-out tokens the
+    two L0s differ slightly. Within ``tolerance`` (relative) they count as equal and NMSE
+    decides. Beyond it, NMSE falls as L0 grows, so the answer is still certain when ours has
+    the lower L0 and no higher NMSE (``yes``) or the higher L0 and a higher NMSE (``no``);
+    otherwise the L0 gap could explain the NMSE difference and the answer is ``unclear``.
+    """
+    gap = (ours_l0 - builtin_l0) / builtin_l0
+    if abs(gap) <= tolerance:
+        return "yes" if ours_nmse <= builtin_nmse else "no"
+    if gap < 0 and ours_nmse <= builtin_nmse:
+        return "yes"
+    if gap > 0 and ours_nmse > builtin_nmse:
+        return "no"
+    return "unclear"
+
+
+def comparison_cells(rows: Sequence[Mapping[str, Any]]) -> list[dict[str, Any]]:
+    """One summary per (hook, d_sae, k, training budget) of the sae-lens-defaults preset.
+
+    Ours is ``calibrated_batchtopk[l0]`` (to k) and ``[l0@batchtopk]`` (to the built-in's L0),
+    the built-in is ``batchtopk[ema]`` (``[l0]``: its weights calibrated by us to k), TopK is
+    ``topk``. ``verdict`` (:func:`equal_l0_verdict`) is ``None`` when a run is missing, and
+    ``n/a: <why>`` when ours could not be calibrated to the built-in's L0.
+    """
+    groups: dict[tuple[Any, ...], dict[str, Mapping[str, Any]]] = {}
+    for row in rows:
+        key = (row.get("hook"), row["d_sae"], row["k"], row["training_tokens"])
+        groups.setdefault(key, {})[row["label"]] = row
+    cells = []
+    for (hook, d_sae, k, tokens), by_label in groups.items():
+        ours = by_label.get(f"{ARCHITECTURE}[l0]", {})
+        equal = by_label.get(f"{ARCHITECTURE}[{EQUAL_L0_METHOD}]", {})
+        builtin = by_label.get("batchtopk[ema]", {})
+        compared = {"ours": ours, "builtin": builtin, "topk": by_label.get("topk", {})}
+        verdict = None
+        if equal and builtin:
+            verdict = equal_l0_verdict(
+                equal["l0_mean"], equal["nmse"], builtin["l0_mean"], builtin["nmse"]
+            )
+        elif ours.get("equal_l0_error"):
+            verdict = "n/a: " + ours["equal_l0_error"]
+        cells.append(
+            {
+                "hook": hook,
+                "d_sae": d_sae,
+                "k": k,
+                "training_tokens": tokens,
+                "snapshot": next(iter(by_label.values())).get("snapshot"),
+                "ours_l0": ours.get("l0_mean"),
+                "ours_nmse": ours.get("nmse"),
+                "ours_equal_l0": equal.get("l0_mean"),
+                "ours_equal_l0_nmse": equal.get("nmse"),
+                "builtin_l0": builtin.get("l0_mean"),
+                "builtin_nmse": builtin.get("nmse"),
+                "builtin_calibrated_nmse": by_label.get("batchtopk[l0]", {}).get("nmse"),
+                "topk_nmse": compared["topk"].get("nmse"),
+                **{
+                    name: {run: row.get(name) for run, row in compared.items()}
+                    for name in ("ce_loss_score", "kl_div_score", "dead_fraction")
+                },
+                "verdict": verdict,
+            }
+        )
+    return cells
 
 
 def nmse_vs_l0_figure(rows: Sequence[Mapping[str, Any]]) -> plt.Figure:
@@ -844,23 +1386,34 @@ def nmse_vs_l0_figure(rows: Sequence[Mapping[str, Any]]) -> plt.Figure:
     L0 axis is ticked at the target budgets ``k`` in plain numbers, which stays readable when
     every run sits near a single k. One colour per line (a table can hold more than ten runs)
     and one marker per architecture, with the legend outside the axes so it hides no point.
+    Hooks and (under the sae-lens-defaults preset) training budgets get lines of their own.
     """
     figure, axes = plt.subplots(figsize=(9, 4.5))
-    groups: dict[tuple[str, int], list[Mapping[str, Any]]] = {}
+    groups: dict[tuple[Any, ...], list[Mapping[str, Any]]] = {}
     for row in rows:
-        groups.setdefault((row["label"], row["d_sae"]), []).append(row)
+        budget = row["training_tokens"] if row.get("preset") else None
+        groups.setdefault((row["label"], row["d_sae"], row.get("hook"), budget), []).append(row)
     colours = matplotlib.colormaps["tab20"].resampled(max(len(groups), 2))
     markers = dict(zip(sorted({row["architecture"] for row in rows}), itertools.cycle("osD^vP*X")))
-    several_sizes = len({row["d_sae"] for row in rows}) > 1
-    for index, ((label, d_sae), group) in enumerate(groups.items()):
+    varies = [len({key[part] for key in groups}) > 1 for part in range(4)]
+    for index, ((label, d_sae, hook, budget), group) in enumerate(groups.items()):
         group = sorted(group, key=lambda row: row["l0_mean"])
+        details = [
+            text
+            for text, shown in zip(
+                (f"d_sae {d_sae}", f"{hook}", f"{budget:,} tok" if budget else ""),
+                varies[1:],
+                strict=True,
+            )
+            if shown
+        ]
         axes.plot(
             [row["l0_mean"] for row in group],
             [row["nmse"] for row in group],
             linestyle="-",
             marker=markers[group[0]["architecture"]],
             color=colours(index),
-            label=f"{label} (d_sae {d_sae})" if several_sizes else label,
+            label=f"{label} ({', '.join(details)})" if details else label,
         )
     axes.set_xscale("log")
     axes.set_yscale("log")
@@ -875,29 +1428,44 @@ def nmse_vs_l0_figure(rows: Sequence[Mapping[str, Any]]) -> plt.Figure:
     return figure
 
 
+def _hooks_text(settings: Mapping[str, Any]) -> str:
+    """``hook `a` `` for one benchmark, ``hooks `a`, `b` `` for combined ones."""
+    hooks = settings["hook_name"]
+    hooks = [hooks] if isinstance(hooks, str) else hooks
+    return ("hook " if len(hooks) == 1 else "hooks ") + ", ".join(f"`{hook}`" for hook in hooks)
+
+
 def benchmarks_section(results: Mapping[str, Any]) -> str:
-    """A ``BENCHMARKS.md`` section: command, machine, date, settings, table, plot."""
+    """A ``BENCHMARKS.md`` section: command, machine, date, settings, table(s), plot."""
     machine = results["machine"]
     settings = results["settings"]
     gpu = machine["gpu"] or "none"
+    header = [
+        "```",
+        results["command"] or "(called from Python: run_benchmark)",
+        "```",
+        "",
+        f"- Machine: {machine['cpu']}, {machine['cores']} cores, GPU: {gpu};"
+        f" torch {machine['torch']}; device `{settings['device']}`.",
+        f"- Date (UTC): {results['date']}.",
+    ]
+    evaluation = (
+        f" seed {settings['seed']}; {settings['calibration_tokens']:,} calibration tokens,"
+        f" {settings['heldout_tokens']:,} held-out tokens,"
+        f" CE/KL on {settings['eval_sequences']} sequences of {settings['context_size']}."
+    )
+    if settings.get("preset", BENCH_PRESET) != BENCH_PRESET:
+        return _defaults_section(results, header, evaluation)
     return "\n".join(
         [
             f"## BatchTopK benchmark, {results['date'][:10]}",
             "",
-            "```",
-            results["command"] or "(called from Python: run_benchmark)",
-            "```",
-            "",
-            f"- Machine: {machine['cpu']}, {machine['cores']} cores, GPU: {gpu};"
-            f" torch {machine['torch']}; device `{settings['device']}`.",
-            f"- Date (UTC): {results['date']}.",
-            f"- Model {settings['model_name']}, hook `{settings['hook_name']}`;"
+            *header,
+            f"- Model {settings['model_name']}, {_hooks_text(settings)};"
             f" {settings['total_training_tokens']:,} training tokens per run"
             f" ({settings['epochs']} epoch(s) of {settings['train_tokens']:,}),"
             f" batch {settings['batch_size']}, Adam lr {settings['lr']:g} (cosine to lr/10),"
-            f" seed {settings['seed']}; {settings['calibration_tokens']:,} calibration tokens,"
-            f" {settings['heldout_tokens']:,} held-out tokens,"
-            f" CE/KL on {settings['eval_sequences']} sequences of {settings['context_size']}.",
+            + evaluation,
             "",
             markdown_table(results["rows"]),
             "",
@@ -907,16 +1475,143 @@ def benchmarks_section(results: Mapping[str, Any]) -> str:
     )
 
 
+def _defaults_section(results: Mapping[str, Any], header: list[str], evaluation: str) -> str:
+    settings = results["settings"]
+    trainer = settings["sae_lens_trainer_defaults"]
+    snapshots = settings["snapshot_training_tokens"]
+    failing = [cell for cell in results["cells"] if cell["verdict"] not in (None, "yes")]
+    lines = [
+        f"## SAELens defaults: calibrated_batchtopk vs batchtopk vs topk, {results['date'][:10]}",
+        "",
+        *header,
+        f"- Model {settings['model_name']}, {_hooks_text(settings)};"
+        f" {settings['total_training_tokens']:,} training tokens per run"
+        f" ({settings['epochs']} epoch(s) of {settings['train_tokens']:,})," + evaluation,
+        f"- Every run has SAELens {settings['sae_lens_version']}'s own defaults, read from its"
+        f" dataclasses: lr {trainer['lr']:g} ({trainer['lr_scheduler_name']}, warm-up"
+        f" {trainer['lr_warm_up_steps']}, decay {trainer['lr_decay_steps']}), Adam betas"
+        f" ({trainer['adam_beta1']}, {trainer['adam_beta2']}), batch"
+        f" {trainer['train_batch_size_tokens']} tokens, dead_feature_window"
+        f" {trainer['dead_feature_window']} steps, and each architecture's own SAE-config"
+        " defaults (recorded per run in `runs/*.json`); only architecture, k, d_in, d_sae,"
+        " device, seed and training tokens are set. No decoder-bias override, no fixed"
+        " activation scaling.",
+    ]
+    if snapshots:
+        lines.append(
+            f"- Rows at {', '.join(f'{tokens:,}' for tokens in snapshots)} tokens are"
+            " snapshots: copies of the same runs taken during training. Under the constant"
+            " learning rate they equal separate runs of that many tokens on the same batches"
+            " (bitwise on CPU, `tests/test_bench.py`)."
+        )
+    lines += [
+        "- Ours is calibrated (`l0`) to k, and to the held-out L0 of the built-in"
+        " `batchtopk[ema]` (SAELens's JumpReLU export) in the same cell; the last column"
+        f" compares those two at equal L0 (within {EQUAL_L0_TOLERANCE:.0%}; `unclear` when the"
+        " L0 gap could explain the NMSE gap). `bt[l0]`: the built-in's weights calibrated by us"
+        " to k.",
+        "",
+        markdown_table(results["cells"], _CELL_COLUMNS),
+        "",
+        "Cells where ours is not at or below the built-in's NMSE at equal L0: "
+        + (
+            "; ".join(
+                f"`{cell['hook']}` k={cell['k']:g} at {cell['training_tokens']:,} tokens"
+                f" ({cell['verdict']})"
+                for cell in failing
+            )
+            or "none"
+        )
+        + ".",
+        "",
+        markdown_table(results["rows"], _PRESET_TABLE_COLUMNS),
+        "",
+        f"![NMSE vs L0]({PLOT_FILE})",
+        "",
+    ]
+    return "\n".join(lines)
+
+
+def _markdown(results: Mapping[str, Any]) -> str:
+    """``bench.md``: the per-SAE table, after the cell summary under the defaults preset."""
+    if "cells" not in results:
+        return markdown_table(results["rows"]) + "\n"
+    cells = markdown_table(results["cells"], _CELL_COLUMNS)
+    return cells + "\n\n" + markdown_table(results["rows"], _PRESET_TABLE_COLUMNS) + "\n"
+
+
 def _write_outputs(results: Mapping[str, Any], output: Path) -> None:
     write_outputs(
         output,
         {JSON_FILE: results},
-        {
-            MARKDOWN_FILE: markdown_table(results["rows"]) + "\n",
-            SECTION_FILE: benchmarks_section(results),
-        },
+        {MARKDOWN_FILE: _markdown(results), SECTION_FILE: benchmarks_section(results)},
         {PLOT_FILE: nmse_vs_l0_figure(results["rows"])},
     )
+
+
+def run_benchmarks(
+    configs: Sequence[BenchConfig],
+    output: Path,
+    *,
+    model: HookedTransformer | None = None,
+    command: str | None = None,
+    show_progress: bool = True,
+) -> dict[str, Any]:
+    """:func:`run_benchmark` once per config (one per hook), then one combined result.
+
+    Every config is validated, and every hook checked against the model, before any cache is
+    built or run trained. Each config keeps its own ``output`` (resumable on its own); the
+    combined ``bench.json``, tables, section and plot go to ``output``.
+    """
+    for config in configs:
+        config.validate()
+    if model is None:
+        model = load_smollm2(device=configs[0].device)
+    check_hooks(model, [config.hook_name for config in configs])
+    per_hook = [
+        run_benchmark(config, model=model, command=command, show_progress=show_progress)
+        for config in configs
+    ]
+    rows = [
+        {**row, "hook": results["settings"]["hook_name"]}
+        for results in per_hook
+        for row in results["rows"]
+    ]
+    results = {
+        "settings": {
+            **per_hook[0]["settings"],
+            "hook_name": [config.hook_name for config in configs],
+            "output": str(output),
+        },
+        "machine": machine_info(),
+        "date": _now(),
+        "command": command,
+        "cache": [results["cache"] for results in per_hook],
+        "rows": rows,
+    }
+    if "cells" in per_hook[0]:
+        results["cells"] = comparison_cells(rows)
+    _write_outputs(results, Path(output))
+    return results
+
+
+def check_hooks(model: HookedTransformer, hooks: Sequence[str]) -> None:
+    """Refuse hooks the model does not have, before any activation is cached."""
+    missing = [hook for hook in hooks if hook not in model.hook_dict]
+    if missing:
+        raise ValueError(f"--hook: {missing} are not hooks of {MODEL_NAME}")
+
+
+def per_hook_configs(config: BenchConfig, hooks: Sequence[str]) -> list[BenchConfig]:
+    """One config per hook; with several, each writes into its own ``output/<hook>`` folder."""
+    if len(set(hooks)) < len(hooks):
+        raise ValueError(f"--hook: {list(hooks)} lists a hook twice")
+    if len(hooks) == 1:
+        return [dataclasses.replace(config, hook_name=hooks[0])]
+    return [
+        dataclasses.replace(config, hook_name=hook, output=Path(config.output) / hook)
+        for hook in hooks
+    ]
 
 
 def write_outputs(
@@ -948,7 +1643,13 @@ def build_parser() -> argparse.ArgumentParser:
     )
     parser.add_argument("--k", type=float, nargs="+", default=list(defaults.k))
     parser.add_argument("--d-sae", type=int, nargs="+", default=list(defaults.d_sae))
-    parser.add_argument("--hook", default=defaults.hook_name)
+    parser.add_argument(
+        "--hook",
+        nargs="+",
+        default=[defaults.hook_name],
+        help="one or more hooks; with several, each gets its own OUTPUT/<hook> folder and"
+        " OUTPUT holds the combined tables",
+    )
     parser.add_argument("--train-tokens", type=int, default=defaults.train_tokens)
     parser.add_argument("--calibration-tokens", type=int, default=defaults.calibration_tokens)
     parser.add_argument("--heldout-tokens", type=int, default=defaults.heldout_tokens)
@@ -977,9 +1678,11 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument(
         "--architectures",
         nargs="+",
-        default=list(defaults.architectures),
+        default=[],
         metavar="ARCH",
-        help=f"subset of {', '.join(ARCHITECTURES)}",
+        help=f"subset of {', '.join(ARCHITECTURES)} (default: {' '.join(DEFAULT_ARCHITECTURES)});"
+        f" with --preset {SAE_LENS_DEFAULTS_PRESET}, of {' '.join(PRESET_ARCHITECTURES)} (default:"
+        " all three)",
     )
     parser.add_argument(
         "--aux-variants",
@@ -1016,6 +1719,25 @@ def build_parser() -> argparse.ArgumentParser:
         help="skip the per-run peak-memory probe in a fresh process (peak MB reads -)",
     )
     parser.add_argument(
+        "--preset",
+        choices=PRESETS,
+        default=defaults.preset,
+        help=f"{BENCH_PRESET}: every architecture shares the settings above;"
+        f" {SAE_LENS_DEFAULTS_PRESET}: each run keeps SAELens's own trainer and SAE-config"
+        " defaults, only architecture, k, shape, device, seed and tokens are set (compares"
+        f" {', '.join(PRESET_ARCHITECTURES)}; the options only the {BENCH_PRESET} preset"
+        " reads are refused)",
+    )
+    parser.add_argument(
+        "--snapshot-tokens",
+        type=int,
+        nargs="+",
+        default=list(defaults.snapshot_tokens),
+        metavar="TOKENS",
+        help="also evaluate every run after this many training tokens, copied during the same"
+        " run (needs a constant learning rate: the sae-lens-defaults preset)",
+    )
+    parser.add_argument(
         "--quick",
         action="store_true",
         help="tiny shapes (about a minute on an idle 2-core CPU); options given explicitly"
@@ -1025,20 +1747,50 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def parse_args(argv: Sequence[str]) -> argparse.Namespace:
-    """Parse ``argv``; ``--quick`` swaps in :data:`QUICK_SETTINGS` as the defaults."""
+    """Parse ``argv``; ``--quick`` swaps in :data:`QUICK_SETTINGS` as the defaults.
+
+    Under ``--preset sae-lens-defaults`` an option only the bench preset reads is an error
+    even when given its default value (it would otherwise be silently ignored), and ``--quick``
+    leaves those settings alone.
+    """
     parser = build_parser()
     args = parser.parse_args(argv)
+    quick = QUICK_SETTINGS
+    if args.preset != BENCH_PRESET:
+        given = _given_options(parser, argv, BENCH_PRESET_FIELDS)
+        if given:
+            parser.error(_bench_only_message(BENCH_PRESET_FIELDS[given[0]], args.preset))
+        quick = {name: value for name, value in quick.items() if name not in BENCH_PRESET_FIELDS}
     if args.quick:
-        parser.set_defaults(**QUICK_SETTINGS)
+        parser.set_defaults(**quick)
         args = parser.parse_args(argv)
     return args
 
 
+def _given_options(
+    parser: argparse.ArgumentParser, argv: Sequence[str], names: Iterable[str]
+) -> list[str]:
+    """Which of the ``names`` (option destinations) ``argv`` sets explicitly.
+
+    argparse fills a default only into a namespace that lacks the attribute, so a namespace
+    pre-set to a marker keeps the marker exactly where the option was not given.
+    """
+    unset = object()
+    names = list(names)
+    probe = parser.parse_args(argv, namespace=argparse.Namespace(**dict.fromkeys(names, unset)))
+    return [name for name in names if getattr(probe, name) is not unset]
+
+
+def _bench_only_message(option: str, preset: str) -> str:
+    return f"{option}: --preset {preset} uses SAELens's own value; drop {option}"
+
+
 def config_from_args(args: argparse.Namespace) -> BenchConfig:
+    """The benchmark settings of ``args``, for the first ``--hook`` (see per_hook_configs)."""
     config = BenchConfig(
         k=tuple(args.k),
         d_sae=tuple(args.d_sae),
-        hook_name=args.hook,
+        hook_name=args.hook[0],
         train_tokens=args.train_tokens,
         calibration_tokens=args.calibration_tokens,
         heldout_tokens=args.heldout_tokens,
@@ -1050,13 +1802,15 @@ def config_from_args(args: argparse.Namespace) -> BenchConfig:
         dead_window_tokens=args.dead_window_tokens,
         jumprelu_l0_coefficient=args.jumprelu_l0_coefficient,
         device=args.device,
-        architectures=tuple(args.architectures),
+        architectures=tuple(args.architectures or ()),
         aux_variants=tuple(args.aux_variants),
         cache_dir=args.cache_dir,
         output=args.output,
         seed=args.seed,
         rerun=args.rerun,
         memory_probe=args.memory_probe,
+        preset=args.preset,
+        snapshot_tokens=tuple(args.snapshot_tokens),
     )
     return config
 
@@ -1067,13 +1821,21 @@ def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     config = config_from_args(args)
     try:
-        config.validate()
+        configs = per_hook_configs(config, args.hook)
+        for hook_config in configs:
+            hook_config.validate()
+        model = load_smollm2(device=config.device)
+        check_hooks(model, args.hook)
     except ValueError as error:
         print(f"sae-batchtopk bench: error: {error}", file=sys.stderr)
         return 2
-    results = run_benchmark(config, command=shlex.join(["sae-batchtopk", "bench", *argv]))
-    print(markdown_table(results["rows"]))
-    print(f"\nwrote {JSON_FILE}, {MARKDOWN_FILE}, {PLOT_FILE}, {SECTION_FILE} to {config.output}")
+    command = shlex.join(["sae-batchtopk", "bench", *argv])
+    if len(configs) == 1:
+        results = run_benchmark(configs[0], model=model, command=command)
+    else:
+        results = run_benchmarks(configs, config.output, model=model, command=command)
+    print(_markdown(results))
+    print(f"wrote {JSON_FILE}, {MARKDOWN_FILE}, {PLOT_FILE}, {SECTION_FILE} to {config.output}")
     return 0
 
 

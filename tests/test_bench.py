@@ -2,7 +2,9 @@
 
 These are not benchmarks: shapes are tiny so that two full runs (every architecture, every
 calibration method, CE/KL with the full SmolLM2) fit in well under a minute on 2 CPU cores.
-The model is loaded once per module and passed in, as ``run_benchmark`` allows.
+The model is loaded once per module and passed in, as ``run_benchmark`` allows. Tests of
+training alone (the sae-lens-defaults preset's settings, snapshots) use random activations in
+an in-memory :class:`ActivationCache` instead, and need no model.
 """
 
 from __future__ import annotations
@@ -14,9 +16,12 @@ from pathlib import Path
 import pytest
 import torch
 from conftest import needs_offline_assets
+from sae_lens.config import LanguageModelSAERunnerConfig, LoggingConfig
+from sae_lens.registry import SAE_TRAINING_CLASS_REGISTRY
 from transformer_lens import HookedTransformer
 
 from sae_lens_batchtopk import bench
+from sae_lens_batchtopk.activation_cache import ActivationCache, CacheSpec
 from sae_lens_batchtopk.calibration import METHODS
 
 ROW_FIELDS = {
@@ -185,3 +190,382 @@ def test_cuda_run(tmp_path: Path) -> None:
     results = bench.run_benchmark(config, show_progress=False)
     assert results["machine"]["gpu"]
     assert results["rows"][0]["peak_memory_mb"] > 0
+
+
+# --- the sae-lens-defaults preset -------------------------------------------------------------
+
+DEFAULTS = bench.SAE_LENS_DEFAULTS_PRESET
+# SAELens's default batch; literal on purpose, as a cross-check of what the harness reads.
+SAE_LENS_BATCH = 4096
+
+
+def tiny_defaults_config(tmp_path: Path, **overrides: object) -> bench.BenchConfig:
+    """Tiny shapes under the sae-lens-defaults preset: no bench-only setting is touched."""
+    settings: dict[str, object] = {
+        "preset": DEFAULTS,
+        "k": (4,),
+        "d_sae": (64,),
+        "train_tokens": 2 * SAE_LENS_BATCH,
+        "calibration_tokens": 1024,
+        "heldout_tokens": 512,
+        "eval_sequences": 1,
+        "context_size": 32,
+        "cache_dir": tmp_path / "cache",
+        "output": tmp_path / "out",
+        "memory_probe": False,
+    }
+    settings.update(overrides)
+    return bench.BenchConfig(**settings)  # type: ignore[arg-type]
+
+
+def random_cache(train_batches: int = 2, d_in: int = 16) -> ActivationCache:
+    """Random activations with a residual-like mean, in an in-memory cache (no model)."""
+    generator = torch.Generator().manual_seed(0)
+    sizes = {"train": train_batches * SAE_LENS_BATCH, "calibration": 1024, "heldout": 512}
+    splits = {
+        split: (torch.randn(n, d_in, generator=generator) + 2.0).half()
+        for split, n in sizes.items()
+    }
+    spec = CacheSpec("random", "blocks.0.hook_resid_post", *sizes.values(), 1, 2, 0)
+    return ActivationCache(spec, Path("in-memory"), splits, torch.zeros(1, 2, dtype=torch.long))
+
+
+def bits(tensor: torch.Tensor) -> torch.Tensor:
+    """The raw bytes of a tensor: bitwise comparison, NaN included (NaN != NaN as floats)."""
+    return tensor.detach().contiguous().reshape(-1).view(torch.uint8)
+
+
+def field_default(field: dataclasses.Field[object]) -> object:
+    if field.default_factory is not dataclasses.MISSING:
+        return field.default_factory()
+    return field.default
+
+
+@pytest.mark.parametrize("architecture", bench.PRESET_ARCHITECTURES)
+def test_defaults_preset_sets_only_architecture_k_shape_device_seed_tokens(
+    tmp_path: Path, architecture: str
+) -> None:
+    config = tiny_defaults_config(tmp_path, epochs=3)
+    runner = bench._runner_config(architecture, 4, 64, config, 16, None, False)
+
+    # The trainer settings are those SAELens builds when a user sets nothing else.
+    sae_class = SAE_TRAINING_CLASS_REGISTRY[architecture][1]
+    reference = LanguageModelSAERunnerConfig(
+        sae=sae_class(d_in=16, d_sae=64, k=4),
+        training_tokens=config.total_training_tokens,
+        seed=config.seed,
+        device="cpu",
+        logger=LoggingConfig(log_to_wandb=False),
+        verbose=False,
+    )
+    ours, theirs = runner.to_sae_trainer_config(), reference.to_sae_trainer_config()
+    for field in dataclasses.fields(ours):
+        if field.name != "checkpoint_path":  # SAELens appends a random run id
+            assert getattr(ours, field.name) == getattr(theirs, field.name), field.name
+    # ... and every runner field the bench does not set is the dataclass default.
+    set_here = {"sae", "training_tokens", "device", "seed", "logger", "verbose"}
+    filled_in_post_init = {"checkpoint_path", "lr_end", "llm_device", "act_store_device"}
+    filled_in_post_init |= {"model_from_pretrained_kwargs"}
+    for field in dataclasses.fields(LanguageModelSAERunnerConfig):
+        if field.name not in set_here | filled_in_post_init:
+            assert getattr(runner, field.name) == field_default(field), field.name
+    # Every SAE-config field but the shape and k is the architecture's own default.
+    assert type(runner.sae) is sae_class
+    for field in dataclasses.fields(sae_class):
+        if field.name not in {"d_in", "d_sae", "k", "device", "metadata"}:
+            assert getattr(runner.sae, field.name) == field_default(field), field.name
+    assert runner.sae.k == 4 and isinstance(runner.sae.k, int if architecture == "topk" else float)
+
+    # The values the issue lists, as a cross-check of the reading above.
+    assert (runner.lr, runner.lr_scheduler_name, runner.lr_warm_up_steps) == (3e-4, "constant", 0)
+    assert (runner.adam_beta1, runner.adam_beta2) == (0.9, 0.999)
+    assert runner.train_batch_size_tokens == SAE_LENS_BATCH == config.training_batch_size
+    assert (runner.dead_feature_window, runner.feature_sampling_window) == (1000, 2000)
+    assert runner.sae.normalize_activations == "none" and runner.sae.decoder_init_norm == 0.1
+    assert bench.resolved_settings(runner)["trainer"]["lr"] == 3e-4
+
+
+@pytest.mark.parametrize("architecture", bench.PRESET_ARCHITECTURES)
+def test_defaults_preset_leaves_b_dec_and_scaling_to_sae_lens(
+    tmp_path: Path, architecture: str
+) -> None:
+    runner = bench._runner_config(
+        architecture, 4, 64, tiny_defaults_config(tmp_path), 16, None, False
+    )
+    sae, trainer = bench.new_sae_and_trainer(runner, iter([]), None)
+    torch.manual_seed(runner.seed)
+    untouched = SAE_TRAINING_CLASS_REGISTRY[architecture][0](runner.sae)
+    for name, tensor in untouched.state_dict().items():
+        assert torch.equal(bits(sae.state_dict()[name]), bits(tensor)), name
+    assert not sae.b_dec.any()  # SAELens's zero init; ours sets the mean at its first step
+    assert trainer.activation_scaler.scaling_factor is None
+    # The bench preset, by contrast, fixes both.
+    mean = torch.full((16,), 2.0)
+    sae, trainer = bench.new_sae_and_trainer(runner, iter([]), (0.5, mean))
+    assert torch.equal(sae.b_dec, mean * 0.5) and trainer.activation_scaler.scaling_factor == 0.5
+
+
+@pytest.mark.parametrize("architecture", bench.PRESET_ARCHITECTURES)
+def test_snapshot_equals_a_separate_run_bitwise(tmp_path: Path, architecture: str) -> None:
+    cache = random_cache(train_batches=2)
+    # 3 epochs of 2 batches; snapshots after step 1 and step 3 (inside the second epoch).
+    long = tiny_defaults_config(tmp_path, epochs=3, snapshot_tokens=(1 * 4096, 3 * 4096 + 5))
+    runner = bench._runner_config(architecture, 4, 64, long, cache.d_in, None, False)
+    budgets = bench._train(runner, 4, long, cache, None)
+    assert [info["training_tokens"] for _, info in budgets] == [4096, 3 * 4096, 6 * 4096]
+    assert [info["snapshot"] for _, info in budgets] == [True, True, False]
+
+    for (snapshot, info), steps in zip(budgets[:2], (1, 3), strict=True):
+        # A separate run of that many tokens: same cache, hence the same batch stream.
+        short = dataclasses.replace(long, train_tokens=steps * 4096, epochs=1, snapshot_tokens=())
+        runner = bench._runner_config(architecture, 4, 64, short, cache.d_in, None, False)
+        ((separate, separate_info),) = bench._train(runner, 4, short, cache, None)
+        assert separate_info["training_tokens"] == info["training_tokens"]
+        assert separate_info["train_dead_fraction"] == info["train_dead_fraction"]
+        state, expected = snapshot.state_dict(), separate.state_dict()
+        assert state.keys() == expected.keys()
+        for name, tensor in expected.items():
+            assert torch.equal(bits(state[name]), bits(tensor)), name
+    # Not vacuous: training moved the weights between the budgets.
+    assert not torch.equal(budgets[0][0].W_enc, budgets[2][0].W_enc)
+
+
+@pytest.mark.parametrize(
+    ("change", "constant"),
+    [
+        ({}, True),
+        ({"lr_warm_up_steps": 2}, False),
+        ({"lr_decay_steps": 2}, False),
+        ({"lr_scheduler_name": "cosineannealing"}, False),
+    ],
+)
+def test_snapshots_are_refused_unless_the_schedule_is_constant(
+    tmp_path: Path, change: dict[str, object], constant: bool
+) -> None:
+    config = tiny_defaults_config(tmp_path, epochs=2, snapshot_tokens=(4096,))
+    runner = dataclasses.replace(
+        bench._runner_config("topk", 4, 64, config, 16, None, False), **change
+    )
+    assert bench.is_constant_schedule(vars(runner)) is constant
+    if not constant:
+        with pytest.raises(ValueError, match="--snapshot-tokens"):
+            bench._train(runner, 4, config, random_cache(), None)
+
+
+@pytest.mark.parametrize(
+    ("overrides", "option"),
+    [
+        ({"snapshot_tokens": (4096,)}, "--snapshot-tokens"),  # the bench preset: cosine
+        ({"preset": DEFAULTS, "snapshot_tokens": (2 * 4096,)}, "--snapshot-tokens"),  # = total
+        ({"preset": DEFAULTS, "snapshot_tokens": (100,)}, "--snapshot-tokens"),
+        ({"preset": DEFAULTS, "lr": 2e-3}, "--lr"),
+        ({"preset": DEFAULTS, "batch_size": 128}, "--batch-size"),
+        ({"preset": DEFAULTS, "aux_variants": ("none",)}, "--aux-variants"),
+        ({"preset": DEFAULTS, "architectures": ("topk", "jumprelu")}, "--architectures"),
+        ({"preset": DEFAULTS, "architectures": ("calibrated_batchtopk",)}, "--architectures"),
+        ({"preset": DEFAULTS, "train_tokens": 4000}, "--train-tokens"),
+        ({"preset": "nope"}, "--preset"),
+    ],
+)
+def test_defaults_preset_bad_input_fails_before_any_work(
+    tmp_path: Path, overrides: dict[str, object], option: str
+) -> None:
+    config = bench.BenchConfig(
+        **{  # type: ignore[arg-type]
+            "k": (4,),
+            "d_sae": (64,),
+            "train_tokens": 2 * 4096,
+            "cache_dir": tmp_path / "cache",
+            **overrides,
+        }
+    )
+    with pytest.raises(ValueError, match=option):
+        bench.run_benchmark(config)
+    assert not (tmp_path / "cache").exists()
+
+
+def test_cli_refuses_bench_only_options_under_the_defaults_preset(
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    with pytest.raises(SystemExit):  # even at the bench default, which would be ignored
+        bench.parse_args(["--preset", DEFAULTS, "--lr", str(bench.BenchConfig().lr)])
+    assert "error: --lr: --preset sae-lens-defaults" in capsys.readouterr().err
+    # --quick leaves the bench-only settings alone there; hooks split the output.
+    args = bench.parse_args(["--preset", DEFAULTS, "--quick", "--hook", "blocks.1.x", "b.2"])
+    config = bench.config_from_args(args)
+    config.validate()
+    assert config.architectures == bench.PRESET_ARCHITECTURES and config.lr == 4e-4
+    configs = bench.per_hook_configs(config, args.hook)
+    assert [c.output for c in configs] == [config.output / "blocks.1.x", config.output / "b.2"]
+    with pytest.raises(ValueError, match="--hook"):
+        bench.per_hook_configs(config, ["a", "a"])
+
+
+@pytest.mark.parametrize(
+    ("ours_l0", "ours_nmse", "verdict"),
+    [
+        (32.2, 0.050, "yes"),  # L0 within 1 %: NMSE decides
+        (31.8, 0.052, "no"),
+        (30.0, 0.050, "yes"),  # fewer latents and no worse
+        (34.0, 0.052, "no"),  # more latents and still worse
+        (30.0, 0.052, "unclear"),  # worse, but with fewer latents
+        (34.0, 0.049, "unclear"),  # better, but with more latents
+    ],
+)
+def test_equal_l0_verdict(ours_l0: float, ours_nmse: float, verdict: str) -> None:
+    assert bench.equal_l0_verdict(ours_l0, ours_nmse, 32.0, 0.051) == verdict
+
+
+def test_comparison_cells_pick_the_compared_rows() -> None:
+    def row(label: str, l0: float, nmse: float, tokens: int = 4096, **extra: object) -> dict:
+        fields = {"l0_mean": l0, "nmse": nmse, "ce_loss_score": 0.9, "kl_div_score": 0.8}
+        return {"label": label, "hook": "h", "d_sae": 64, "k": 4, "training_tokens": tokens,
+                "snapshot": False, "dead_fraction": 0.1, **fields, **extra}  # fmt: skip
+
+    rows = [
+        row("topk", 4, 0.30),
+        row("batchtopk[ema]", 9, 0.20),
+        row("batchtopk[l0]", 4, 0.25),
+        row("calibrated_batchtopk[l0]", 4, 0.22),
+        row("calibrated_batchtopk[l0@batchtopk]", 9.05, 0.15),
+        row("batchtopk[ema]", 9, 0.20, tokens=8192),
+        row("calibrated_batchtopk[l0]", 4, 0.22, tokens=8192, equal_l0_error="cannot reach 9"),
+    ]
+    first, second = bench.comparison_cells(rows)
+    assert first["verdict"] == "yes" and first["ours_equal_l0_nmse"] == 0.15
+    assert (first["builtin_l0"], first["builtin_calibrated_nmse"], first["topk_nmse"]) == (
+        9,
+        0.25,
+        0.3,
+    )
+    assert first["ce_loss_score"] == {"ours": 0.9, "builtin": 0.9, "topk": 0.9}
+    assert second["verdict"] == "n/a: cannot reach 9" and second["topk_nmse"] is None
+    assert "| `h` | 4 | 64 | 4,096 |" in bench.markdown_table([first], bench._CELL_COLUMNS)
+
+
+@pytest.mark.parametrize(("builtin_l0", "reachable"), [(6.0, True), (60.0, False)])
+def test_ours_is_calibrated_to_the_builtin_l0_or_says_why_not(
+    tmp_path: Path, builtin_l0: float, reachable: bool
+) -> None:
+    cache = random_cache(train_batches=1)
+    config = tiny_defaults_config(tmp_path, train_tokens=4096)
+    runner = bench._runner_config(bench.ARCHITECTURE, 4, 64, config, cache.d_in, None, False)
+    ((trained, _),) = bench._train(runner, 4, config, cache, None)
+    calibration = cache.batches("calibration", config.training_batch_size)
+    forms = list(
+        bench._inference_saes(bench.ARCHITECTURE, trained, calibration, config, builtin_l0)
+    )
+
+    methods = [method for method, _, _ in forms]
+    assert methods == (["l0", bench.EQUAL_L0_METHOD] if reachable else ["l0"])
+    assert forms[0][2]["calibration_target_l0"] == 4
+    if reachable:
+        assert forms[1][2]["calibration_target_l0"] == builtin_l0
+        assert forms[1][2]["calibration_l0"] == pytest.approx(builtin_l0, rel=0.05)
+        assert "equal_l0_error" not in forms[0][2]
+    else:  # a target ours cannot fire often enough for is reported, not fatal
+        assert "cannot fire that often" in forms[0][2]["equal_l0_error"]
+
+
+def test_several_hooks_are_checked_first_and_combined(
+    tmp_path: Path, tiny_model: HookedTransformer, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    hooks = ["blocks.0.hook_resid_post", "blocks.1.hook_resid_post"]
+    configs = bench.per_hook_configs(tiny_defaults_config(tmp_path, snapshot_tokens=(4096,)), hooks)
+
+    def fake_run(config: bench.BenchConfig, **kwargs: object) -> dict[str, object]:
+        """One hook's results, as run_benchmark returns them (numbers made up)."""
+        rows = [
+            {"label": label, "architecture": label.split("[")[0], "hook": config.hook_name,
+             "preset": DEFAULTS, "k": 4, "d_sae": 64, "training_tokens": tokens,
+             "snapshot": tokens == 4096, "l0_mean": l0, "l0_p5": l0, "l0_p50": l0,
+             "l0_p95": l0, "nmse": nmse}
+            for tokens in (4096, 8192)
+            for label, l0, nmse in (("batchtopk[ema]", 9.0, 0.2),
+                                    ("calibrated_batchtopk[l0@batchtopk]", 9.0, 0.1))
+        ]  # fmt: skip
+        return {
+            "settings": bench._settings_dict(config),
+            "cache": {"path": config.hook_name, "reused": False},
+            "rows": rows,
+            "cells": bench.comparison_cells(rows),
+        }
+
+    monkeypatch.setattr(bench, "run_benchmark", fake_run)
+    with pytest.raises(ValueError, match="--hook"):  # before the first hook's work
+        bench.run_benchmarks(
+            [*configs, dataclasses.replace(configs[0], hook_name="blocks.9.nope")],
+            tmp_path / "out",
+            model=tiny_model,
+        )
+    results = bench.run_benchmarks(configs, tmp_path / "out", model=tiny_model, command="cmd")
+
+    assert [row["hook"] for row in results["rows"]] == [hooks[0]] * 4 + [hooks[1]] * 4
+    assert [(cell["hook"], cell["verdict"]) for cell in results["cells"]] == [
+        (hook, "yes") for hook in hooks for _ in range(2)
+    ]
+    assert results["settings"]["hook_name"] == hooks
+    section = (tmp_path / "out" / bench.SECTION_FILE).read_text()
+    assert f"hooks `{hooks[0]}`, `{hooks[1]}`" in section and "are snapshots" in section
+    assert "at equal L0: none." in section
+    assert f"| `{hooks[1]}` | 4 | 64 | 4,096 (snapshot) |" in section
+    for name in (bench.JSON_FILE, bench.MARKDOWN_FILE, bench.PLOT_FILE):
+        assert (tmp_path / "out" / name).stat().st_size > 0
+
+
+@needs_offline_assets
+def test_defaults_preset_end_to_end(
+    tmp_path: Path, smollm2: HookedTransformer, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    statistics_passed: list[object] = []
+    new_sae_and_trainer = bench.new_sae_and_trainer
+
+    def spy(runner: object, batches: object, statistics: object) -> object:
+        statistics_passed.append(statistics)
+        return new_sae_and_trainer(runner, batches, statistics)  # type: ignore[arg-type]
+
+    monkeypatch.setattr(bench, "new_sae_and_trainer", spy)
+    # topk's deployed form is the bench preset's, tested above; leaving it out saves time.
+    config = tiny_defaults_config(
+        tmp_path,
+        train_tokens=4096,
+        epochs=2,
+        snapshot_tokens=(4096,),
+        architectures=("batchtopk", "calibrated_batchtopk"),
+    )
+    results = bench.run_benchmark(config, model=smollm2, show_progress=False)
+
+    assert statistics_passed == [None] * 2  # no b_dec override, no fixed scaling, any run
+    rows = results["rows"]
+    for tokens, snapshot in ((4096, True), (8192, False)):
+        budget = {row["label"]: row for row in rows if row["training_tokens"] == tokens}
+        assert budget.keys() >= {"batchtopk[ema]", "batchtopk[l0]", "calibrated_batchtopk[l0]"}
+        assert {row["snapshot"] for row in budget.values()} == {snapshot}
+        assert budget["batchtopk[l0]"]["l0_mean"] == pytest.approx(4, rel=0.2)
+        # Ours at k, and at the built-in's L0 unless it cannot fire that often (tiny d_sae).
+        ours = budget["calibrated_batchtopk[l0]"]
+        equal = budget.get(f"calibrated_batchtopk[{bench.EQUAL_L0_METHOD}]")
+        builtin_l0 = budget["batchtopk[ema]"]["l0_mean"]
+        if equal is None:
+            assert f"for target {builtin_l0}" in ours["equal_l0_error"]
+        else:
+            assert equal["calibration_target_l0"] == builtin_l0
+    assert [(cell["training_tokens"], cell["snapshot"]) for cell in results["cells"]] == [
+        (4096, True),
+        (8192, False),
+    ]
+
+    run = json.loads((config.output / bench.RUNS_DIR / "batchtopk-k4-d64.json").read_text())
+    trainer, sae = run["resolved_settings"]["trainer"], run["resolved_settings"]["sae"]
+    defaults = bench.runner_defaults()
+    assert trainer["lr"] == defaults["lr"] and trainer["lr_scheduler_name"] == "constant"
+    assert trainer["train_batch_size_samples"] == defaults["train_batch_size_tokens"]
+    assert sae["architecture"] == "batchtopk" and sae["normalize_activations"] == "none"
+    assert json.loads((config.output / bench.JSON_FILE).read_text())["rows"] == rows
+    assert "4,096 tokens are snapshots" in (config.output / bench.SECTION_FILE).read_text()
+
+    def no_training(*args: object, **kwargs: object) -> None:
+        raise AssertionError("a finished run was retrained")
+
+    monkeypatch.setattr(bench, "_train", no_training)
+    assert bench.run_benchmark(config, model=smollm2, show_progress=False)["rows"] == rows
