@@ -1032,6 +1032,7 @@ def _export(trained: TrainingSAE[Any]) -> SAE[Any]:
     return inference.to(trained.device)
 
 
+@torch.no_grad()
 def model_preservation_scores(
     model: HookedTransformer,
     tokens: torch.Tensor,
