@@ -523,7 +523,23 @@ def evaluate_saved(sae_dir: Path, resources: Resources | None, *, eval_tokens: i
     """Recompute the report of a saved run; only the report files change."""
     sae, runner_cfg = load_saved_run(sae_dir)
     resources = resources or load_resources(runner_cfg)
-    with staged_folder(sae_dir, owned=REPORT_FILES) as staging:
+    rewrite_run(sae_dir, sae, runner_cfg, resources, eval_tokens=eval_tokens, with_sae=False)
+
+
+def rewrite_run(
+    sae_dir: Path,
+    sae: SAE[Any],
+    runner_cfg: LanguageModelSAERunnerConfig[Any],
+    resources: Resources,
+    *,
+    eval_tokens: int,
+    with_sae: bool,
+) -> None:
+    """Replace a run folder's report (and, ``with_sae``, its SAE), keeping every other file."""
+    owned = SAE_FILES | REPORT_FILES if with_sae else REPORT_FILES
+    with staged_folder(sae_dir, owned=owned) as staging:
+        if with_sae:
+            sae.save_model(staging)
         evaluate_into(
             staging,
             sae,
@@ -596,17 +612,7 @@ def calibrate_saved(
         show_progress=True,
     )
     sae.cfg.metadata.calibration = {**result.to_metadata(), "heldout": heldout_report}
-    with staged_folder(sae_dir, owned=SAE_FILES | REPORT_FILES) as staging:
-        sae.save_model(staging)
-        evaluate_into(
-            staging,
-            sae,
-            runner_cfg,
-            resources,
-            eval_tokens=eval_tokens,
-            ce_eval_batches=DEFAULT_CE_EVAL_BATCHES,
-            training_curves=saved_training_curves(sae_dir),
-        )
+    rewrite_run(sae_dir, sae, runner_cfg, resources, eval_tokens=eval_tokens, with_sae=True)
     return format_calibration_report(result, heldout_report)
 
 
