@@ -213,9 +213,11 @@ class CalibratedBatchTopKSAE(_Thresholds, SAE[CalibratedBatchTopKSAEConfig]):
     def from_sae(cls, sae: SAE[Any], *, k: float | None = None) -> CalibratedBatchTopKSAE:
         """Convert a BatchTopK SAE trained elsewhere into this inference form, to calibrate it.
 
-        Accepts SAELens's built-in ``batchtopk`` training SAE (its export folds decoder norms and
-        broadcasts its EMA threshold), a ``JumpReLUSAE`` exported from a BatchTopK run, or a
-        ``calibrated_batchtopk`` SAE of either form. ``k`` defaults to the one the SAE records.
+        Accepts SAELens's built-in ``batchtopk`` and ``matryoshka_batchtopk`` training SAEs
+        (their export folds decoder norms and broadcasts the EMA threshold; Matryoshka's levels
+        shape only its training loss), a ``JumpReLUSAE`` exported from either, or a
+        ``calibrated_batchtopk`` SAE of either form (training SAEs of ``feature_choice`` and
+        ``calibrated_matryoshka_batchtopk`` included). ``k`` defaults to the one the SAE records.
         """
         if isinstance(sae, (BatchTopKTrainingSAE, CalibratedBatchTopKTrainingSAE)):
             state = sae.state_dict()
@@ -227,8 +229,9 @@ class CalibratedBatchTopKSAE(_Thresholds, SAE[CalibratedBatchTopKSAEConfig]):
         else:
             raise TypeError(
                 f"an SAE of architecture {sae.cfg.architecture()!r} has no calibrated BatchTopK"
-                " form; supported: calibrated_batchtopk and feature_choice (training or"
-                " inference), SAELens's batchtopk, and jumprelu exported from batchtopk"
+                " form; supported: calibrated_batchtopk, feature_choice and"
+                " calibrated_matryoshka_batchtopk (training or inference), SAELens's batchtopk"
+                " and matryoshka_batchtopk, and jumprelu exported from those"
             )
         k = k if k is not None else recorded_k(sae)
         if k is None:
