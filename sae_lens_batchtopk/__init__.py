@@ -1,9 +1,9 @@
 """BatchTopK sparse autoencoders as first-class SAELens architectures.
 
 Importing this package registers ``calibrated_batchtopk`` in SAELens's training and inference
-registries and ``feature_choice`` in its training registry (it exports to the calibrated
-BatchTopK inference form), so runner configs, ``SAE.load_from_disk`` and
-``SAE.from_pretrained`` know them.
+registries and ``feature_choice`` and ``calibrated_matryoshka_batchtopk`` in its training
+registry (they export to the calibrated BatchTopK inference form), so runner configs,
+``SAE.load_from_disk`` and ``SAE.from_pretrained`` know them.
 """
 
 from sae_lens_batchtopk.aux_losses import (
@@ -37,6 +37,11 @@ from sae_lens_batchtopk.saes.feature_choice_sae import (
     FeatureChoiceTrainingSAE,
     FeatureChoiceTrainingSAEConfig,
 )
+from sae_lens_batchtopk.saes.matryoshka_batchtopk_sae import (
+    CALIBRATED_MATRYOSHKA,
+    CalibratedMatryoshkaBatchTopKTrainingSAE,
+    CalibratedMatryoshkaBatchTopKTrainingSAEConfig,
+)
 from sae_lens_batchtopk.selection import batch_topk, feature_choice, threshold_activation
 
 __version__ = "0.1.0"
@@ -49,9 +54,17 @@ register_architecture(
 register_architecture(
     FEATURE_CHOICE, training=(FeatureChoiceTrainingSAE, FeatureChoiceTrainingSAEConfig)
 )
+register_architecture(
+    CALIBRATED_MATRYOSHKA,
+    training=(
+        CalibratedMatryoshkaBatchTopKTrainingSAE,
+        CalibratedMatryoshkaBatchTopKTrainingSAEConfig,
+    ),
+)
 
 __all__ = [
     "CALIBRATED_BATCHTOPK",
+    "CALIBRATED_MATRYOSHKA",
     "FEATURE_CHOICE",
     "AuxLossInputs",
     "BatchTopKView",
@@ -59,6 +72,8 @@ __all__ = [
     "CalibratedBatchTopKSAEConfig",
     "CalibratedBatchTopKTrainingSAE",
     "CalibratedBatchTopKTrainingSAEConfig",
+    "CalibratedMatryoshkaBatchTopKTrainingSAE",
+    "CalibratedMatryoshkaBatchTopKTrainingSAEConfig",
     "CalibrationError",
     "CalibrationResult",
     "FeatureChoiceTrainingSAE",

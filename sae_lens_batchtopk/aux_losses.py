@@ -152,9 +152,10 @@ def auxk_sae_lens_loss(inputs: AuxLossInputs) -> torch.Tensor:
     ``e`` and ``ê`` are as in :func:`auxk_loss`; as there (and in Gao et al.), only positive
     dead pre-activations decode, where SAELens also decodes negative ones.
     """
-    n_dead = inputs.dead_mask.sum()
-    scale = (n_dead.float() / inputs.k_aux).clamp(max=1.0)
-    return scale * masked_residual_loss(inputs, inputs.dead_mask, units="squared_error")
+    error = masked_residual_loss(inputs, inputs.dead_mask, units="squared_error")
+    # In the loss's dtype: a float32 scale would round a float64 loss (SAELens's is a Python float).
+    scale = (inputs.dead_mask.sum().to(error.dtype) / inputs.k_aux).clamp(max=1.0)
+    return scale * error
 
 
 def masked_residual_loss(

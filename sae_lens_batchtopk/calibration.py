@@ -136,9 +136,9 @@ def calibrate_thresholds(
     Args:
         sae: a ``calibrated_batchtopk`` SAE (training or inference form; on a training SAE
             ``save_inference_model`` then exports the calibrated thresholds), or a SAELens
-            ``JumpReLUSAE`` exported from a BatchTopK run (its threshold vector is replaced).
-            Convert SAELens's built-in ``batchtopk`` training SAE first with
-            ``CalibratedBatchTopKSAE.from_sae``.
+            ``JumpReLUSAE`` exported from a BatchTopK or Matryoshka BatchTopK run (its threshold
+            vector is replaced). Convert SAELens's built-in ``batchtopk`` and
+            ``matryoshka_batchtopk`` training SAEs first with ``CalibratedBatchTopKSAE.from_sae``.
         activations: activation batches ``(..., d_in)``: a list, or a stream such as an
             ``ActivationsStore``. Batch boundaries matter for ``"paper"`` and ``"per_latent"``
             (batch top-k is taken per batch): pass batches of the training batch size.
@@ -242,8 +242,9 @@ def _target_for(sae: SAE[Any], k: float | None) -> _Target:
         sae, CalibratedBatchTopKTrainingSAE
     ):
         raise TypeError(
-            "SAELens's built-in batchtopk training SAE stores one scalar threshold; convert it"
-            " first: calibrate_thresholds(CalibratedBatchTopKSAE.from_sae(sae), ...)"
+            f"SAELens's built-in {sae.cfg.architecture()} training SAE stores one scalar"
+            " threshold; convert it first:"
+            " calibrate_thresholds(CalibratedBatchTopKSAE.from_sae(sae), ...)"
         )
     inference = CalibratedBatchTopKSAE.from_sae(sae, k=k)
     if isinstance(sae, JumpReLUSAE):

@@ -14,7 +14,7 @@ here follow it, so the selected values are the numbers the inference thresholds 
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, replace
 
 import torch
@@ -143,12 +143,26 @@ def sparse_forward(
     tensor is kept for the backward pass.
     """
     sae_in = sae_in.contiguous()
+    hidden_pre, codes = sparse_encode(sae_in, weights, select)
+    return SparseForward(sae_in, weights, hidden_pre, codes, decode_without_bias(codes, weights))
+
+
+def sparse_encode(
+    sae_in: torch.Tensor,
+    weights: SparseStepWeights,
+    select: Callable[[torch.Tensor], torch.Tensor],
+) -> tuple[torch.Tensor, SparseCodes]:
+    """The encode half of :func:`sparse_forward`: detached pre-activations and the codes.
+
+    ``sae_in`` must be contiguous. Kept apart so that a step decoding the codes differently
+    (Matryoshka's nested decodes) encodes exactly as every other architecture does.
+    """
     hidden_pre = selection_preactivations(sae_in, weights)
     with torch.no_grad():
         flat_idx = select(hidden_pre)
     d_sae = hidden_pre.shape[1]
     codes = selected_codes(sae_in, weights, hidden_pre, flat_idx // d_sae, flat_idx % d_sae)
-    return SparseForward(sae_in, weights, hidden_pre, codes, decode_without_bias(codes, weights))
+    return hidden_pre, codes
 
 
 @dataclass(frozen=True)
@@ -201,3 +215,80 @@ def reconstruct_dense(
         (token_idx, latent_idx), flat[token_idx, latent_idx].relu()
     )
     return decode_dense_without_bias(acts, weights)
+
+
+@dataclass(frozen=True)
+class NestedSparseForward(SparseForward):
+    """A sparse forward pass with Matryoshka's per-level reconstructions.
+
+    Attributes:
+        levels: ``(n_levels, n_tokens, d_in)``; level ``l`` decodes the selected entries of the
+            latents below ``widths[l]``, without the decoder bias. ``reconstruction`` is the
+            last level (the whole dictionary).
+    """
+
+    levels: torch.Tensor
+
+
+def sparse_nested_forward(
+    sae_in: torch.Tensor,
+    weights: SparseStepWeights,
+    select: Callable[[torch.Tensor], torch.Tensor],
+    widths: Sequence[int],
+) -> NestedSparseForward:
+    """:func:`sparse_forward` with Matryoshka's nested decodes in place of the single decode.
+
+    The selection is global (one ``select`` over the whole dictionary); only the decode is
+    nested, so each selected entry is still decoded once (:func:`decode_nested_without_bias`).
+    """
+    sae_in = sae_in.contiguous()
+    hidden_pre, codes = sparse_encode(sae_in, weights, select)
+    levels = decode_nested_without_bias(codes, weights, widths)
+    return NestedSparseForward(sae_in, weights, hidden_pre, codes, levels[-1], levels)
+
+
+def decode_nested_without_bias(
+    codes: SparseCodes, weights: SparseStepWeights, widths: Sequence[int]
+) -> torch.Tensor:
+    """Every Matryoshka level's decode at the cost of about one sparse decode.
+
+    Level ``l`` is ``codes[:, :widths[l]] @ W_dec[:widths[l]]`` (with the decoder-norm division
+    of :func:`decode_without_bias`); ``widths`` ascend and end at ``codes.d_sae``. Decoding
+    each level separately would decode the inner latents' entries once per level. Instead the
+    entries are bucketed by band (the latents ``[widths[l-1], widths[l])`` that level ``l``
+    adds) into one ``embedding_bag`` call with one bag per (band, token), which decodes every
+    entry once into its band's partial reconstruction; a cumulative sum over bands then gives
+    the levels. Cost: one sparse decode over the selected entries, a sort of their band
+    indices, and ``n_levels x n_tokens x d_in`` additions. Returns ``(n_levels, n_tokens,
+    d_in)``; the backward touches the selected decoder rows only.
+    """
+    n_levels, n_tokens = len(widths), codes.n_tokens
+    boundaries = torch.as_tensor(
+        widths, dtype=codes.latent_idx.dtype, device=codes.latent_idx.device
+    )
+    band = torch.bucketize(codes.latent_idx, boundaries, right=True)
+    # A stable sort keeps each band's entries in token order: the bags' keys then ascend.
+    order = torch.argsort(band, stable=True)
+    by_band = SparseCodes(
+        token_idx=(band * n_tokens + codes.token_idx)[order],
+        latent_idx=codes.latent_idx[order],
+        values=codes.values[order],
+        n_tokens=n_levels * n_tokens,
+        d_sae=codes.d_sae,
+    )
+    partials = decode_without_bias(by_band, weights).view(n_levels, n_tokens, -1)
+    return partials.cumsum(0)
+
+
+def decode_nested_dense_without_bias(
+    feature_acts: torch.Tensor, weights: SparseStepWeights, widths: Sequence[int]
+) -> torch.Tensor:
+    """The reference for :func:`decode_nested_without_bias`: one dense prefix decode per level.
+
+    What SAELens's ``matryoshka_batchtopk`` computes, ``feature_acts[..., :w] @ W_dec[:w]`` for
+    each width ``w``; returns ``(n_levels, *feature_acts.shape[:-1], d_in)``.
+    """
+    rescale = weights.decoder_scale is not None
+    return torch.stack(
+        [act_times_W_dec(feature_acts[..., :w], weights.W_dec[:w], rescale) for w in widths]
+    )

@@ -10,12 +10,18 @@ from sae_lens_batchtopk.saes.feature_choice_sae import (
     FeatureChoiceTrainingSAE,
     FeatureChoiceTrainingSAEConfig,
 )
+from sae_lens_batchtopk.saes.matryoshka_batchtopk_sae import (
+    CalibratedMatryoshkaBatchTopKTrainingSAE,
+    CalibratedMatryoshkaBatchTopKTrainingSAEConfig,
+)
 
 __all__ = [
     "CalibratedBatchTopKSAE",
     "CalibratedBatchTopKSAEConfig",
     "CalibratedBatchTopKTrainingSAE",
     "CalibratedBatchTopKTrainingSAEConfig",
+    "CalibratedMatryoshkaBatchTopKTrainingSAE",
+    "CalibratedMatryoshkaBatchTopKTrainingSAEConfig",
     "FeatureChoiceTrainingSAE",
     "FeatureChoiceTrainingSAEConfig",
 ]

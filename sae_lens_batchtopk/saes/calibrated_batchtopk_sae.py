@@ -16,7 +16,7 @@ thresholds carry over unchanged.
 from __future__ import annotations
 
 import warnings
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, fields
 from functools import partial
 from typing import Any, ClassVar, Literal
@@ -213,9 +213,11 @@ class CalibratedBatchTopKSAE(_Thresholds, SAE[CalibratedBatchTopKSAEConfig]):
     def from_sae(cls, sae: SAE[Any], *, k: float | None = None) -> CalibratedBatchTopKSAE:
         """Convert a BatchTopK SAE trained elsewhere into this inference form, to calibrate it.
 
-        Accepts SAELens's built-in ``batchtopk`` training SAE (its export folds decoder norms and
-        broadcasts its EMA threshold), a ``JumpReLUSAE`` exported from a BatchTopK run, or a
-        ``calibrated_batchtopk`` SAE of either form. ``k`` defaults to the one the SAE records.
+        Accepts SAELens's built-in ``batchtopk`` and ``matryoshka_batchtopk`` training SAEs
+        (their export folds decoder norms and broadcasts the EMA threshold; Matryoshka's levels
+        shape only its training loss), a ``JumpReLUSAE`` exported from either, or a
+        ``calibrated_batchtopk`` SAE of either form (training SAEs of ``feature_choice`` and
+        ``calibrated_matryoshka_batchtopk`` included). ``k`` defaults to the one the SAE records.
         """
         if isinstance(sae, (BatchTopKTrainingSAE, CalibratedBatchTopKTrainingSAE)):
             state = sae.state_dict()
@@ -227,8 +229,9 @@ class CalibratedBatchTopKSAE(_Thresholds, SAE[CalibratedBatchTopKSAEConfig]):
         else:
             raise TypeError(
                 f"an SAE of architecture {sae.cfg.architecture()!r} has no calibrated BatchTopK"
-                " form; supported: calibrated_batchtopk and feature_choice (training or"
-                " inference), SAELens's batchtopk, and jumprelu exported from batchtopk"
+                " form; supported: calibrated_batchtopk, feature_choice and"
+                " calibrated_matryoshka_batchtopk (training or inference), SAELens's batchtopk"
+                " and matryoshka_batchtopk, and jumprelu exported from those"
             )
         k = k if k is not None else recorded_k(sae)
         if k is None:
@@ -646,10 +649,23 @@ class CalibratedBatchTopKTrainingSAE(_Thresholds, TopKTrainingSAE):
         sae_out: torch.Tensor,
         reconstruct_selected: Callable[[torch.Tensor, torch.Tensor], torch.Tensor],
     ) -> dict[str, torch.Tensor]:
-        aux_losses = self.cfg.resolved_aux_losses
-        if not aux_losses:
+        if not self.cfg.resolved_aux_losses:
             return {}
-        inputs = AuxLossInputs(
+        inputs = self.aux_loss_inputs(
+            step_input, feature_acts, hidden_pre, sae_out, reconstruct_selected
+        )
+        return self.weighted_aux_losses(step_input, [inputs])
+
+    def aux_loss_inputs(
+        self,
+        step_input: TrainStepInput,
+        feature_acts: torch.Tensor,
+        hidden_pre: torch.Tensor,
+        sae_out: torch.Tensor,
+        reconstruct_selected: Callable[[torch.Tensor, torch.Tensor], torch.Tensor],
+    ) -> AuxLossInputs:
+        """What every aux loss sees this step: the whole SAE's residual and latent masks."""
+        return AuxLossInputs(
             sae_in=step_input.sae_in,
             sae_out=sae_out,
             hidden_pre=hidden_pre,
@@ -660,9 +676,18 @@ class CalibratedBatchTopKTrainingSAE(_Thresholds, TopKTrainingSAE):
             decode_directions=self.decode_directions,
             reconstruct_selected=reconstruct_selected,
         )
+
+    def weighted_aux_losses(
+        self, step_input: TrainStepInput, parts: Sequence[AuxLossInputs]
+    ) -> dict[str, torch.Tensor]:
+        """Each configured aux loss summed over ``parts``, times its scheduled coefficient.
+
+        One part is the whole SAE; Matryoshka's per-level aux loss passes one per level.
+        """
         return {
-            f"{name}_loss": step_input.coefficients[name] * get_aux_loss(name)(inputs)
-            for name in aux_losses
+            f"{name}_loss": step_input.coefficients[name]
+            * sum(get_aux_loss(name)(part) for part in parts)
+            for name in self.cfg.resolved_aux_losses
         }
 
     def decode_directions(self, feature_acts: torch.Tensor) -> torch.Tensor:
@@ -741,7 +766,7 @@ class CalibratedBatchTopKTrainingSAE(_Thresholds, TopKTrainingSAE):
             if self.cfg.fast_path and not self._dense_fallback_warned:
                 self._dense_fallback_warned = True
                 warnings.warn(f"training on the dense path: {blocker}", stacklevel=2)
-            output = super().training_forward_pass(step_input)
+            output = self._dense_training_forward_pass(step_input)
         # One host sync: the input and every loss, before the state update and the optimizer
         # step, so a bad batch leaves the SAE's state and weights as they were.
         if not bool(torch.isfinite(step_input.sae_in).all() & torch.isfinite(output.loss)):
@@ -751,6 +776,10 @@ class CalibratedBatchTopKTrainingSAE(_Thresholds, TopKTrainingSAE):
         output.metrics["dead_latent_fraction"] = self.dead_mask.float().mean()
         output.metrics["underused_latent_fraction"] = self.underused_mask.float().mean()
         return output
+
+    def _dense_training_forward_pass(self, step_input: TrainStepInput) -> TrainStepOutput:
+        """SAELens's dense training pass: the reference the sparse pass equals."""
+        return super().training_forward_pass(step_input)
 
     def _check_batch_shape(self, step_input: TrainStepInput) -> None:
         """An empty batch, or one too small for a single selected activation, is an error."""
