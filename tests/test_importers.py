@@ -16,8 +16,13 @@ from typing import Any
 
 import pytest
 import torch
+import yaml
+from conftest import TINY_CONTEXT, TINY_HOOK, TINY_VOCAB, tiny_runner_kwargs
+from datasets import Dataset
+from sae_lens import SAE
 from safetensors import safe_open
 from safetensors.torch import load_file, save_file
+from transformer_lens import HookedTransformer, HookedTransformerConfig
 
 from sae_lens_batchtopk.calibration import calibrate_thresholds
 from sae_lens_batchtopk.importers import (
@@ -28,6 +33,7 @@ from sae_lens_batchtopk.importers import (
 )
 from sae_lens_batchtopk.saes.calibrated_batchtopk_sae import CalibratedBatchTopKSAE
 from sae_lens_batchtopk.selection import batch_topk
+from sae_lens_batchtopk.tools.cli import Resources, main
 
 FOREIGN = Path(__file__).parent / "data" / "foreign"
 DL_BATCHTOPK = FOREIGN / "dictionary_learning_batchtopk"
@@ -334,3 +340,41 @@ def test_sparsify_malformed_folders_name_file_and_field(breakage: str, tmp_path:
     damage(folder)
     with pytest.raises(ForeignCheckpointError, match=message):
         load_sparsify(folder)
+
+
+def test_cli_imports_and_calibrates_a_foreign_checkpoint_into_a_new_folder(
+    tmp_path: Path, tiny_dataset: Dataset, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """``calibrate DIR --from dictionary_learning``: the foreign folder is never written."""
+    torch.manual_seed(0)
+    model = HookedTransformer(
+        HookedTransformerConfig(
+            n_layers=1, d_model=12, d_head=4, n_heads=3, d_mlp=24, d_vocab=TINY_VOCAB,
+            n_ctx=TINY_CONTEXT, act_fn="gelu", normalization_type="LN",
+        )
+    )  # fmt: skip
+    resources = Resources(
+        model, tiny_dataset.select(range(448)), tiny_dataset.select(range(448, 512))
+    )
+    options = tiny_runner_kwargs(tmp_path)
+    for name in ("d_in", "d_sae", "k", "output_path"):
+        del options[name]
+    config = tmp_path / "calibrate-on.yaml"
+    config.write_text(yaml.safe_dump(options))
+    before = {path.name: path.read_bytes() for path in DL_BATCHTOPK.iterdir()}
+    out = tmp_path / "imported"
+    argv = ["calibrate", str(DL_BATCHTOPK), "--from", "dictionary_learning", "--method", "l0",
+            "--tokens", "2048", "--eval-tokens", "512", "--config", str(config)]  # fmt: skip
+    assert main([*argv, "--output", str(out)], resources) == 0
+    assert "threshold mode, after calibration" in capsys.readouterr().out
+    assert {path.name: path.read_bytes() for path in DL_BATCHTOPK.iterdir()} == before
+    metrics = json.loads((out / "metrics.json").read_text())
+    assert metrics["headline"]["inference_l0_heldout"] == pytest.approx(4.0, rel=0.1)
+    calibrated = SAE.load_from_disk(out)
+    assert calibrated.cfg.metadata.imported_from["source"] == "dictionary_learning"
+    assert calibrated.cfg.metadata.calibration["method"] == "l0"
+    assert json.loads((out / "runner_cfg.json").read_text())["hook_name"] == TINY_HOOK
+    # A second import into the same folder needs --overwrite; a missing --config is named.
+    assert main([*argv, "--output", str(out)], resources) == 2
+    assert main([*argv[:-2], "--output", str(tmp_path / "x")], resources) == 2
+    assert "needs --config" in capsys.readouterr().err

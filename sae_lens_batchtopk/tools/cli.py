@@ -55,6 +55,7 @@ from sae_lens_batchtopk.calibration import (
 )
 from sae_lens_batchtopk.evaluation import calibrate_with_report
 from sae_lens_batchtopk.finite import NonFiniteError
+from sae_lens_batchtopk.importers import ForeignCheckpointError, load_foreign_sae
 from sae_lens_batchtopk.runner import (
     CalibratingSAETrainingRunner,
     check_activation_buffer,
@@ -562,6 +563,22 @@ def saved_training_curves(run_dir: Path) -> list[dict[str, float]] | None:
         raise ConfigError(f"{str(path)!r} is not valid JSON ({error})") from None
 
 
+FOREIGN_SOURCES: tuple[str, ...] = ("dictionary_learning", "sparsify")
+
+
+@dataclass
+class CalibrationJob:
+    """What ``calibrate`` works on: an SAE, the run config that says where its activations
+    come from, the tokens to calibrate on, and where the result goes."""
+
+    sae: CalibratedBatchTopKSAE
+    runner_cfg: LanguageModelSAERunnerConfig[Any]
+    resources: Resources
+    calibration_data: datasets.Dataset | None
+    destination: Path
+    owned: frozenset[str]
+
+
 def calibrate_saved(
     sae_dir: Path,
     resources: Resources | None,
@@ -570,18 +587,29 @@ def calibrate_saved(
     target_l0: float | None,
     n_tokens: int | None,
     eval_tokens: int,
+    source: str = "sae_lens",
+    config: Path | None = None,
+    output: Path | None = None,
+    overwrite: bool = False,
 ) -> str:
-    """Calibrate a saved SAE on tokens its training did not read; rewrite the folder.
+    """Calibrate a saved SAE and write it with a new report; return the calibration report.
 
-    Calibration tokens come from the training data after the tokens training consumed; the
-    before/after report uses the eval slice. Returns the calibration report (Markdown).
+    ``source="sae_lens"``: a run folder this package (or SAELens) wrote; it is updated in
+    place (its SAE and report files only), calibrating on training-split tokens after those
+    training consumed. A foreign checkpoint (``dictionary_learning``, ``sparsify``) is never
+    modified: it is imported, calibrated on activations of the model, hook and data a ``train``
+    config names, and written with that config to ``output``.
     """
-    sae, runner_cfg = load_saved_run(sae_dir)
-    if not isinstance(sae, CalibratedBatchTopKSAE):
-        raise ConfigError(
-            f"{str(sae_dir)!r} holds a {sae.cfg.architecture()} SAE; calibrate needs a"
-            " calibrated_batchtopk or batchtopk run"
-        )
+    if source == "sae_lens":
+        if config is not None or output is not None:
+            raise ConfigError(
+                "--config and --output are for foreign checkpoints (--from"
+                f" {'/'.join(FOREIGN_SOURCES)}); a run folder is recalibrated in place"
+            )
+        job = _saved_run_job(sae_dir, resources)
+    else:
+        job = _foreign_job(sae_dir, source, resources, config, output, overwrite)
+    sae, runner_cfg = job.sae, job.runner_cfg
     if n_tokens is None:
         n_tokens = getattr(runner_cfg.sae, "calibration_tokens", DEFAULT_CALIBRATION_TOKENS)
     target = target_l0 if target_l0 is not None else sae.cfg.k
@@ -590,17 +618,13 @@ def calibrate_saved(
         check_token_budget(method, n_tokens, target, sae.cfg.d_sae, field="--tokens")
     except (TypeError, ValueError) as error:
         raise ConfigError(str(error)) from None
-    resources = resources or load_resources(runner_cfg)
-    train_data = resources.train_dataset
-    if train_data is not None:
-        consumed = -(-runner_cfg.training_tokens // runner_cfg.context_size)
-        train_data = train_data.select(range(consumed % len(train_data), len(train_data)))
+    check_model_fit(runner_cfg, job.resources.model)
     sae.to(runner_cfg.device)
     calibration_store = ActivationsStore.from_config(
-        resources.model, runner_cfg, override_dataset=train_data
+        job.resources.model, runner_cfg, override_dataset=job.calibration_data
     )
     eval_store = ActivationsStore.from_config(
-        resources.model, runner_cfg, override_dataset=resources.eval_dataset
+        job.resources.model, runner_cfg, override_dataset=job.resources.eval_dataset
     )
     result, heldout_report = calibrate_with_report(
         sae,
@@ -612,8 +636,78 @@ def calibrate_saved(
         show_progress=True,
     )
     sae.cfg.metadata.calibration = {**result.to_metadata(), "heldout": heldout_report}
-    rewrite_run(sae_dir, sae, runner_cfg, resources, eval_tokens=eval_tokens, with_sae=True)
+    with staged_folder(job.destination, owned=job.owned) as staging:
+        sae.save_model(staging)
+        if RUNNER_CFG_FILENAME in job.owned:
+            write_json(staging / RUNNER_CFG_FILENAME, runner_cfg.to_dict())
+        evaluate_into(
+            staging,
+            sae,
+            runner_cfg,
+            job.resources,
+            eval_tokens=eval_tokens,
+            ce_eval_batches=DEFAULT_CE_EVAL_BATCHES,
+            training_curves=saved_training_curves(job.destination),
+        )
     return format_calibration_report(result, heldout_report)
+
+
+def _saved_run_job(sae_dir: Path, resources: Resources | None) -> CalibrationJob:
+    """A run folder: its own runner config, tokens after those its training consumed."""
+    sae, runner_cfg = load_saved_run(sae_dir)
+    if not isinstance(sae, CalibratedBatchTopKSAE):
+        raise ConfigError(
+            f"{str(sae_dir)!r} holds a {sae.cfg.architecture()} SAE; calibrate needs a"
+            " calibrated_batchtopk or batchtopk run (or --from for a foreign checkpoint)"
+        )
+    resources = resources or load_resources(runner_cfg)
+    train_data = resources.train_dataset
+    if train_data is not None:
+        consumed = -(-runner_cfg.training_tokens // runner_cfg.context_size)
+        train_data = train_data.select(range(consumed % len(train_data), len(train_data)))
+    return CalibrationJob(sae, runner_cfg, resources, train_data, sae_dir, SAE_FILES | REPORT_FILES)
+
+
+def _foreign_job(
+    folder: Path,
+    source: str,
+    resources: Resources | None,
+    config: Path | None,
+    output: Path | None,
+    overwrite: bool,
+) -> CalibrationJob:
+    """A foreign checkpoint: imported; model, hook and data from a ``train`` config."""
+    if config is None:
+        raise ConfigError(
+            f"--from {source} needs --config CONFIG.yaml (a train config naming the model, hook"
+            " and data to calibrate on)"
+        )
+    try:
+        sae = load_foreign_sae(folder, source)  # type: ignore[arg-type]
+    except ForeignCheckpointError as error:
+        raise ConfigError(str(error)) from None
+    destination = output or DEFAULT_RUNS_DIR / f"{folder.name}-calibrated"
+    shape = {"architecture": ARCHITECTURE, "d_in": sae.cfg.d_in, "d_sae": sae.cfg.d_sae}
+    assignments = [f"{key}={value}" for key, value in {**shape, "k": sae.cfg.k}.items()]
+    model = resources.model if resources is not None else None
+    runner_cfg = prepare_training(config, assignments, destination, overwrite, model).runner_cfg
+    # What SAELens's runner records about the activations, now that the config says it.
+    for name in (
+        "model_name",
+        "model_class_name",
+        "hook_name",
+        "hook_head_index",
+        "context_size",
+        "prepend_bos",
+        "dataset_path",
+        "seqpos_slice",
+        "exclude_special_tokens",
+        "model_from_pretrained_kwargs",
+    ):
+        setattr(sae.cfg.metadata, name, getattr(runner_cfg, name))
+    resources = resources or load_resources(runner_cfg)
+    owned = SAE_FILES | REPORT_FILES | {RUNNER_CFG_FILENAME}
+    return CalibrationJob(sae, runner_cfg, resources, resources.train_dataset, destination, owned)
 
 
 def positive_int(text: str) -> int:
@@ -668,8 +762,28 @@ def build_parser() -> argparse.ArgumentParser:
     eval_parser.add_argument("sae_dir", type=Path)
     eval_parser.add_argument("--tokens", type=positive_int, default=DEFAULT_EVAL_TOKENS)
 
-    calibrate_parser = commands.add_parser("calibrate", help="recalibrate a saved SAE")
+    calibrate_parser = commands.add_parser(
+        "calibrate", help="recalibrate a saved SAE, or import and calibrate a foreign one"
+    )
     calibrate_parser.add_argument("sae_dir", type=Path)
+    calibrate_parser.add_argument(
+        "--from",
+        dest="source",
+        choices=("sae_lens", *FOREIGN_SOURCES),
+        default="sae_lens",
+        help="checkpoint format (default: a run folder of this package or SAELens)",
+    )
+    calibrate_parser.add_argument(
+        "--config", type=Path, help="foreign checkpoints: train config naming model/hook/data"
+    )
+    calibrate_parser.add_argument(
+        "--output",
+        type=Path,
+        help="foreign checkpoints: new folder (default runs/<name>-calibrated)",
+    )
+    calibrate_parser.add_argument(
+        "--overwrite", action="store_true", help="replace the SAE files in an existing --output"
+    )
     calibrate_parser.add_argument("--method", choices=METHODS, required=True)
     calibrate_parser.add_argument(
         "--target", type=positive_float, help="target L0, in (0, d_sae] (default: k)"
@@ -742,6 +856,10 @@ def main(argv: Sequence[str] | None = None, resources: Resources | None = None) 
                     target_l0=args.target,
                     n_tokens=args.tokens,
                     eval_tokens=args.eval_tokens,
+                    source=args.source,
+                    config=args.config,
+                    output=args.output,
+                    overwrite=args.overwrite,
                 )
             )
     except (ConfigError, OfflineAssetMissingError) as error:
