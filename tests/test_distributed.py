@@ -31,6 +31,7 @@ from sae_lens_batchtopk import (
     CalibratedBatchTopKTrainingSAEConfig,
     FeatureChoiceTrainingSAE,
     FeatureChoiceTrainingSAEConfig,
+    NonFiniteError,
     calibrate_thresholds,
     make_runner_config,
 )
@@ -441,6 +442,32 @@ def test_mismatched_settings_fail_on_every_process(tmp_path: Path) -> None:
     for rank in range(WORLD):
         message = (tmp_path / f"rank{rank}.txt").read_text()
         assert "sae.dead_tokens_window: process 0 has 40, process 1 has 41" in message
+
+
+def test_a_non_finite_batch_on_one_process_stops_every_process_before_the_update(
+    tmp_path: Path,
+) -> None:
+    def work(rank: int) -> None:
+        sae = make_step_sae(dead_tokens_window=40)
+        trainer = DistributedSAETrainer.carrying_state_of(
+            SAETrainer(trainer_config(1, WORLD * ROWS), sae, iter([]))
+        )
+        batch = shares(step_batches()[0], rank).clone()
+        if rank == 1:
+            batch[3, 2] = torch.nan
+        before = {name: t.clone() for name, t in sae.state_dict().items()}
+        with pytest.raises(NonFiniteError) as raised:
+            trainer.step(batch)
+        for name, tensor in sae.state_dict().items():
+            torch.testing.assert_close(tensor, before[name], rtol=0, atol=0, equal_nan=True)
+        (tmp_path / f"rank{rank}.txt").write_text(str(raised.value))
+
+    run_processes(tmp_path, work)
+    assert (
+        "process 1: training step 0: non-finite values in the input batch"
+        in (tmp_path / "rank1.txt").read_text()
+    )
+    assert "non-finite values on process(es) [1]" in (tmp_path / "rank0.txt").read_text()
 
 
 def test_a_process_that_stops_answering_fails_the_others_within_the_timeout(
