@@ -27,6 +27,7 @@ from typing import Any, cast
 
 import torch
 from sae_lens.config import CacheActivationsRunnerConfig, HfDataset, LanguageModelSAERunnerConfig
+from sae_lens.constants import ACTIVATIONS_STORE_STATE_FILENAME
 from sae_lens.training.activations_store import ActivationsStore
 from safetensors.torch import load_file
 from transformer_lens.HookedTransformer import HookedRootModule
@@ -129,6 +130,8 @@ class ResumableActivationsStore(ActivationsStore):
 
     mixing_generator: torch.Generator
     """The generator of the mixing buffer's permutations, saved in checkpoints."""
+    state_filename: str = ACTIVATIONS_STORE_STATE_FILENAME
+    """This store's file in a checkpoint folder; one per process when training distributed."""
     _sequences_in_epoch: int = 0
 
     def __init__(self, *args: Any, **kwargs: Any) -> None:
@@ -206,6 +209,14 @@ class ResumableActivationsStore(ActivationsStore):
         # A copy: the kept and unserved rows are views of one tensor, and safetensors refuses
         # tensors that share memory.
         return rows.detach().to("cpu", copy=True).contiguous()
+
+    @override
+    def save_to_checkpoint(self, checkpoint_path: str | Path) -> None:
+        self.save(str(Path(checkpoint_path) / self.state_filename))
+
+    @override
+    def load_from_checkpoint(self, checkpoint_path: str | Path) -> None:
+        self.load(str(Path(checkpoint_path) / self.state_filename))
 
     @override
     def save(self, file_path: str) -> None:

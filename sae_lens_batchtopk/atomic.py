@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import tempfile
 from collections.abc import Callable, Mapping
 from pathlib import Path
@@ -32,6 +33,31 @@ def write_atomically(path: Path, write: Callable[[Path], None]) -> None:
     finally:
         if os.path.exists(temporary):
             os.remove(temporary)
+
+
+def write_folder_atomically(path: Path, write: Callable[[Path], None]) -> None:
+    """Run ``write(temporary_folder)`` beside ``path``, then move its files into ``path``.
+
+    A new ``path`` appears complete or not at all (one rename). Into an existing folder each
+    written file is renamed over its old version, so every file is whole, and other files
+    there are kept. For writers that produce several files (SAELens's ``save_model``, trainer
+    state) and cannot be pointed at :func:`write_atomically` one file at a time.
+    """
+    path.parent.mkdir(parents=True, exist_ok=True)
+    temporary = Path(tempfile.mkdtemp(prefix=f".{path.name}.", dir=path.parent))
+    try:
+        write(temporary)
+        if not path.exists():
+            os.replace(temporary, path)
+            return
+        for entry in temporary.iterdir():
+            if entry.is_dir():
+                raise IsADirectoryError(
+                    f"{entry.name}: only files can be moved into the existing folder {path}"
+                )
+            os.replace(entry, path / entry.name)
+    finally:
+        shutil.rmtree(temporary, ignore_errors=True)
 
 
 def write_json(path: Path, data: Any) -> None:

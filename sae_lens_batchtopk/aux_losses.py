@@ -19,6 +19,11 @@ from typing import Literal
 import torch
 
 
+def batch_variance(rows: torch.Tensor) -> torch.Tensor:
+    """``mean_t ||v_t - mean(v)||²``: total variance of a batch of vectors."""
+    return (rows - rows.mean(0)).pow(2).sum(-1).mean()
+
+
 @dataclass(frozen=True)
 class AuxLossInputs:
     """What an auxiliary loss may look at during one training step.
@@ -43,6 +48,9 @@ class AuxLossInputs:
             ascending, tokens counted over all leading dims), with gradients reaching the
             encoder at those positions and the decoder rows. Sparse on the sparse path, dense
             otherwise: a loss written with it trains identically on both.
+        variance: :func:`batch_variance` over the whole training batch. When the batch is
+            spread over processes with global selection it reduces over all of them, so a loss
+            normalised by it equals the single-process loss on the concatenated batch.
     """
 
     sae_in: torch.Tensor
@@ -54,6 +62,7 @@ class AuxLossInputs:
     k_aux: int
     decode_directions: Callable[[torch.Tensor], torch.Tensor]
     reconstruct_selected: Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
+    variance: Callable[[torch.Tensor], torch.Tensor] = batch_variance
 
 
 AuxLossFn = Callable[[AuxLossInputs], torch.Tensor]
@@ -186,14 +195,11 @@ def masked_residual_loss(
     error = (aux_recon.reshape_as(flat_residual) - flat_residual).pow(2).sum(-1).mean()
     if units == "squared_error":
         return error
-    variance = _variance(flat_residual)
-    scale = _variance(inputs.sae_in.reshape_as(flat_residual).detach()) / variance.clamp_min(1e-30)
+    variance = inputs.variance(flat_residual)
+    scale = inputs.variance(inputs.sae_in.reshape_as(flat_residual).detach()) / variance.clamp_min(
+        1e-30
+    )
     return torch.where(variance > 0, error * scale, error.new_zeros(()))
-
-
-def _variance(rows: torch.Tensor) -> torch.Tensor:
-    """``mean_t ||v_t - mean(v)||²``: total variance of a batch of vectors."""
-    return (rows - rows.mean(0)).pow(2).sum(-1).mean()
 
 
 register_aux_loss("auxk", auxk_loss, sparse_ready=True)

@@ -20,6 +20,10 @@ floats), so a threshold is always a bin edge and the L0 it gives on the calibrat
 exact count, not an estimate. Memory is O(d_sae x bins) for ``"per_latent"`` (about 340 MB at
 d_sae 65536) plus one chunk of pre-activations, independent of the number of tokens. Results
 depend only on the input order (no randomness, integer accumulation).
+
+Several processes (``distributed=``) each stream their own tokens; the integer histograms and
+counts are all-reduced (integers add exactly), so the thresholds every process sets are those
+of one process calibrating on the union of their tokens, bitwise.
 """
 
 from __future__ import annotations
@@ -35,6 +39,7 @@ from sae_lens.saes.jumprelu_sae import JumpReLUSAE
 from sae_lens.saes.sae import SAE
 from tqdm.auto import tqdm
 
+from sae_lens_batchtopk.distributed import DistributedBatch
 from sae_lens_batchtopk.finite import NonFiniteError, require_finite
 from sae_lens_batchtopk.saes.calibrated_batchtopk_sae import (
     METHODS,
@@ -130,6 +135,7 @@ def calibrate_thresholds(
     k: float | None = None,
     chunk_tokens: int = 1024,
     show_progress: bool = False,
+    distributed: DistributedBatch | None = None,
 ) -> CalibrationResult:
     """Compute inference thresholds with the SAE's final weights and set them on the SAE.
 
@@ -150,6 +156,14 @@ def calibrate_thresholds(
         k: the SAE's training k, needed only when the SAE does not record it.
         chunk_tokens: tokens encoded at once; bounds the ``chunk x d_sae`` working memory.
         show_progress: show a progress bar.
+        distributed: calibrate on the union of every process's activations; every process
+            calls this with its own ``activations`` and the same ``n_tokens`` (its share, so
+            the union holds ``n_tokens x world_size``). With ``scope="global"`` the processes'
+            i-th batches together form the union's i-th batch (the training batch), with
+            ``"local"`` each is a batch of its own. The thresholds set on every process are
+            bitwise those of one process calibrating on the union, given bitwise the same
+            pre-activations per token (BLAS may round a row differently in a differently
+            sized chunk: let ``chunk_tokens`` divide each process's batch).
 
     Raises:
         TypeError: the SAE is of an architecture this cannot calibrate.
@@ -185,16 +199,21 @@ def calibrate_thresholds(
                 f"n_tokens={n_tokens} but the activations hold {available} tokens; lower"
                 " n_tokens or pass more activations. The SAE was not changed"
             )
-    check_token_budget(method, n_tokens, float(target_l0), target.d_sae)
+    n_processes = 1
+    if distributed is not None:
+        _check_distributed_calibration(distributed, target, n_tokens)
+        n_processes = distributed.world_size
+    check_token_budget(method, n_tokens * n_processes, float(target_l0), target.d_sae)
     if chunk_tokens <= 0:
         raise ValueError(f"chunk_tokens must be > 0, got {chunk_tokens}")
 
     # Cap a chunk's pre-activations at 2^24 entries (64 MB in float32) whatever d_sae is.
     chunk_tokens = max(1, min(chunk_tokens, _MAX_CHUNK_ENTRIES // target.d_sae))
-    stats = _Statistics(target.d_sae, per_latent=method == "per_latent")
+    stats = _Statistics(target.d_sae, per_latent=method == "per_latent", distributed=distributed)
     with torch.no_grad():
         for batch in _take_tokens(activations, n_tokens, show_progress, must_fill=must_fill):
             stats.add_batch(batch, target, chunk_tokens)
+        stats.merge_processes()
     if not must_fill:
         # A stream that ended early: its length was unknown, so the budget is checked now.
         check_token_budget(method, stats.n_tokens, float(target_l0), target.d_sae)
@@ -222,6 +241,23 @@ def calibrate_thresholds(
         n_never_fired=int((stats.topk_counts == 0).sum()),
         thresholds=thresholds,
     )
+
+
+def _check_distributed_calibration(
+    distributed: DistributedBatch, target: _Target, n_tokens: int
+) -> None:
+    """Same token share everywhere (batches stay aligned), and a rule the union supports."""
+    shares = distributed.gathered(torch.tensor([n_tokens])).flatten().tolist()
+    if len(set(shares)) > 1:
+        raise ValueError(
+            f"n_tokens differs across processes ({shares}); every process must calibrate on the"
+            " same number of its own tokens"
+        )
+    if target.capacities is not None and distributed.selects_globally:
+        raise ValueError(
+            "Feature Choice calibration cannot select over the union of the processes' batches;"
+            " use a DistributedBatch with scope='local' (selection_scope='local')"
+        )
 
 
 def _count_tokens(activations: Iterable[torch.Tensor]) -> int | None:
@@ -312,15 +348,22 @@ def _threshold_below_key(key: torch.Tensor, shift: int) -> torch.Tensor:
 
 
 class _Statistics:
-    """Streaming integer statistics from which every method's thresholds are exact bin edges."""
+    """Streaming integer statistics from which every method's thresholds are exact bin edges.
 
-    def __init__(self, d_sae: int, *, per_latent: bool) -> None:
+    With ``distributed`` each process streams its own batches, then :meth:`merge_processes`
+    turns the statistics into the union's.
+    """
+
+    def __init__(
+        self, d_sae: int, *, per_latent: bool, distributed: DistributedBatch | None = None
+    ) -> None:
         self.d_sae = d_sae
         self.per_latent = per_latent
+        self.distributed = distributed
         self.n_tokens = 0
         self.n_selected = 0
-        self.batch_theta_sum = 0.0
-        self.n_batches_with_fires = 0
+        # The selection cut-off of every batch where something fired, in stream order.
+        self.batch_thetas: list[float] = []
         self.global_hist = torch.zeros(_GLOBAL_BINS, dtype=torch.long)
         self.topk_counts = torch.zeros(d_sae, dtype=torch.long)
         self.max_pre = torch.full((d_sae,), -torch.inf)
@@ -335,20 +378,49 @@ class _Statistics:
         """The training rule's selection threshold(s) first, then histogram every chunk."""
         chunks = batch.split(chunk_tokens)
         pre_activations = (target.pre_activations(chunk).float().cpu() for chunk in chunks)
-        if target.capacities is None:
+        union = self.distributed if self.distributed and self.distributed.selects_globally else None
+        if union is not None:
+            theta = union.batch_topk_cutoff(pre_activations, target.k, batch.shape[0])
+        elif target.capacities is None:
             theta = batch_topk_cutoff(pre_activations, target.k, batch.shape[0])
         else:
             theta = feature_choice_cutoffs(pre_activations, target.capacities(batch.shape[0]))
         selected_minimum = theta[torch.isfinite(theta) & (theta > 0)]
         batch_theta = float(selected_minimum.min()) if selected_minimum.numel() else math.inf
         if math.isfinite(batch_theta):
-            self.batch_theta_sum += batch_theta
-            self.n_batches_with_fires += 1
-        if self.per_latent and self.latent_hist is None and math.isfinite(batch_theta):
-            self._init_latent_hist(batch_theta)
+            self.batch_thetas.append(batch_theta)
+        if self.per_latent and self.latent_hist is None:
+            reference = batch_theta
+            if self.distributed is not None and union is None:
+                # Per-process batches: every process must bin around the same reference, the
+                # one the union's stream (rank 0's batches first) meets first.
+                reference = self.distributed.first_finite(batch_theta)
+            if math.isfinite(reference):
+                self._init_latent_hist(reference)
         for chunk in chunks:
             self._add_chunk(target.pre_activations(chunk).float().cpu(), theta)
         self.n_tokens += batch.shape[0]
+
+    def merge_processes(self) -> None:
+        """Make every process's statistics the union's: integer sums, maxima, θs in order.
+
+        Under global selection every process computed the same batch cut-offs, so the θs are
+        already the union's; under local selection the union's stream is rank 0's batches,
+        then rank 1's, and so on.
+        """
+        if self.distributed is None:
+            return
+        distributed = self.distributed
+        counts = distributed.summed(torch.tensor([self.n_tokens, self.n_selected]))
+        self.n_tokens, self.n_selected = (int(count) for count in counts)
+        self.global_hist = distributed.summed(self.global_hist)
+        self.topk_counts = distributed.summed(self.topk_counts)
+        self.max_pre = distributed.maximum(self.max_pre)
+        if self.latent_hist is not None:
+            self.latent_hist = distributed.summed(self.latent_hist)
+        if not distributed.selects_globally:
+            per_process = distributed.gathered_objects(self.batch_thetas)
+            self.batch_thetas = [theta for thetas in per_process for theta in thetas]
 
     def _init_latent_hist(self, reference_theta: float) -> None:
         reference_key = int(_float_bits(torch.tensor(reference_theta))) >> _LATENT_SHIFT
@@ -376,9 +448,9 @@ class _Statistics:
             )
 
     def paper_thresholds(self, _target_l0: float) -> tuple[torch.Tensor, float]:
-        if self.n_batches_with_fires == 0:
+        if not self.batch_thetas:
             raise ValueError("no latent fired on the calibration tokens; cannot estimate θ")
-        theta = self.batch_theta_sum / self.n_batches_with_fires
+        theta = sum(self.batch_thetas) / len(self.batch_thetas)
         # Snap θ to the global histogram's bin edge just above it (a 0.05% move) so that the
         # reported L0 is an exact count like the other methods'.
         key = torch.tensor(int(_float_bits(torch.tensor(theta))) >> _GLOBAL_SHIFT) + 1

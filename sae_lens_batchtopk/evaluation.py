@@ -20,6 +20,7 @@ from sae_lens_batchtopk.calibration import (
     CalibrationResult,
     calibrate_thresholds,
 )
+from sae_lens_batchtopk.distributed import DistributedBatch
 from sae_lens_batchtopk.saes.calibrated_batchtopk_sae import CalibratedBatchTopKSAE
 
 
@@ -76,10 +77,27 @@ class HeldoutPass:
             stats["l0_deviation"] = (stats["l0_mean"] - target_l0) / target_l0
         return stats
 
+    def merged(self, distributed: DistributedBatch) -> HeldoutPass:
+        """The pass over every process's batches: token L0s in rank order, sums, any-fired."""
+        l0 = torch.cat(distributed.gathered_objects(self.l0_per_token))
+        sums = distributed.summed(
+            torch.tensor([self.squared_error, self.variance], dtype=torch.float64)
+        )
+        fired = distributed.summed(self.fired.long()) > 0
+        return HeldoutPass(l0, float(sums[0]), float(sums[1]), fired)
+
 
 @torch.no_grad()
-def heldout_pass(sae: Autoencoder, batches: Iterable[torch.Tensor]) -> HeldoutPass:
-    """Encode and decode every batch as given (which matters for batch-top-k modes)."""
+def heldout_pass(
+    sae: Autoencoder,
+    batches: Iterable[torch.Tensor],
+    distributed: DistributedBatch | None = None,
+) -> HeldoutPass:
+    """Encode and decode every batch as given (which matters for batch-top-k modes).
+
+    With ``distributed`` each process passes its own batches and gets the pass over all of
+    them; batch-top-k modes then select within each process's batches.
+    """
     l0_per_token: list[torch.Tensor] = []
     squared_error = 0.0
     variance = 0.0
@@ -95,14 +113,19 @@ def heldout_pass(sae: Autoencoder, batches: Iterable[torch.Tensor]) -> HeldoutPa
         variance += float((x - x.mean(0)).double().pow(2).sum())
     if not l0_per_token:
         raise ValueError("no activation batches to evaluate")
-    return HeldoutPass(torch.cat(l0_per_token), squared_error, variance, fired)
+    local = HeldoutPass(torch.cat(l0_per_token), squared_error, variance, fired)
+    return local if distributed is None else local.merged(distributed)
 
 
 def reconstruction_stats(
-    sae: Autoencoder, batches: Iterable[torch.Tensor], *, target_l0: float | None = None
+    sae: Autoencoder,
+    batches: Iterable[torch.Tensor],
+    *,
+    target_l0: float | None = None,
+    distributed: DistributedBatch | None = None,
 ) -> dict[str, float]:
     """:meth:`HeldoutPass.stats` of one pass of ``sae`` over ``batches``."""
-    return heldout_pass(sae, batches).stats(target_l0)
+    return heldout_pass(sae, batches, distributed).stats(target_l0)
 
 
 def calibrate_with_report(
@@ -114,18 +137,23 @@ def calibrate_with_report(
     target_l0: float | None = None,
     n_tokens: int | None = None,
     show_progress: bool = False,
+    distributed: DistributedBatch | None = None,
 ) -> tuple[CalibrationResult, dict[str, dict[str, float]]]:
     """Calibrate, and measure held-out L0 and NMSE before and after, in both encode modes.
 
     ``heldout_batches`` must be disjoint from the calibration tokens: the report exists to show
-    that the calibrated L0 holds on tokens the thresholds were not fitted to.
+    that the calibrated L0 holds on tokens the thresholds were not fitted to. With
+    ``distributed`` every process passes its own batches and ``n_tokens`` share
+    (:func:`calibrate_thresholds`), and the report covers every process's held-out tokens.
     """
     before = CalibratedBatchTopKSAE.from_sae(sae)
     target = target_l0 if target_l0 is not None else before.cfg.k
     report = {
-        "threshold_before": reconstruction_stats(before, heldout_batches, target_l0=target),
+        "threshold_before": reconstruction_stats(
+            before, heldout_batches, target_l0=target, distributed=distributed
+        ),
         "batch_topk": reconstruction_stats(
-            before.batch_topk_view(), heldout_batches, target_l0=target
+            before.batch_topk_view(), heldout_batches, target_l0=target, distributed=distributed
         ),
     }
     result = calibrate_thresholds(
@@ -135,7 +163,10 @@ def calibrate_with_report(
         target_l0=target_l0,
         n_tokens=n_tokens,
         show_progress=show_progress,
+        distributed=distributed,
     )
     after = CalibratedBatchTopKSAE.from_sae(sae)
-    report["threshold_after"] = reconstruction_stats(after, heldout_batches, target_l0=target)
+    report["threshold_after"] = reconstruction_stats(
+        after, heldout_batches, target_l0=target, distributed=distributed
+    )
     return result, report

@@ -268,7 +268,7 @@ class CalibratingSAETrainingRunner(LanguageModelSAETrainingRunner):
         """
         if self.cfg.resume_from_checkpoint is not None:
             _continue_counters(trainer)
-        recording = RecordingSAETrainer.carrying_state_of(trainer)
+        recording = self.recording_trainer(trainer)
         try:
             return super().run_trainer_with_interruption_handling(recording)
         finally:
@@ -276,6 +276,10 @@ class CalibratingSAETrainingRunner(LanguageModelSAETrainingRunner):
             trainer.__dict__.update(
                 {name: value for name, value in vars(recording).items() if name in vars(trainer)}
             )
+
+    def recording_trainer(self, trainer: SAETrainer[Any, Any]) -> RecordingSAETrainer:
+        """The trainer that trains: SAELens's, carried into one that records its curves."""
+        return RecordingSAETrainer.carrying_state_of(trainer)
 
     @override
     def save_final_sae(
@@ -291,26 +295,38 @@ class CalibratingSAETrainingRunner(LanguageModelSAETrainingRunner):
                 # The weights cost the whole run: save them (running θ, marked as such) before
                 # reporting that the calibration target could not be reached.
                 sae.cfg.metadata.calibration = {"error": str(error)}
-                super().save_final_sae(sae, output_path, log_feature_sparsity)
+                self.write_final_sae(sae, output_path, log_feature_sparsity)
                 raise CalibrationError(
                     f"{error}; the trained SAE was saved uncalibrated (running θ) to"
                     f" {output_path}: recalibrate it with a reachable target"
                     " (sae-batchtopk calibrate, or calibrate_thresholds)"
                 ) from error
+        self.write_final_sae(sae, output_path, log_feature_sparsity)
+
+    def write_final_sae(
+        self,
+        sae: TrainingSAE[Any],
+        output_path: str,
+        log_feature_sparsity: torch.Tensor | None = None,
+    ) -> None:
+        """Write the trained (and calibrated) SAE as SAELens's runner does."""
         super().save_final_sae(sae, output_path, log_feature_sparsity)
 
     def _calibrate(self, sae: CalibratedBatchTopKTrainingSAE) -> None:
         cfg = sae.cfg
+        # On several processes each draws its share of the tokens from its own stream.
+        n_processes = sae.distributed.world_size if sae.distributed is not None else 1
         report_tokens = min(max(cfg.calibration_tokens // 4, 1), 262_144)
-        heldout = draw_batches(self.activations_store, report_tokens)
+        heldout = draw_batches(self.activations_store, max(report_tokens // n_processes, 1))
         self.calibration, self.calibration_report = calibrate_with_report(
             sae,
             self.activations_store,
             heldout,
             method=cfg.calibration_method,  # type: ignore[arg-type]
             target_l0=cfg.calibration_target_l0,
-            n_tokens=cfg.calibration_tokens,
+            n_tokens=cfg.calibration_tokens // n_processes,
             show_progress=self.cfg.verbose,
+            distributed=sae.distributed,
         )
         cfg.metadata.calibration = {
             **self.calibration.to_metadata(),

@@ -76,8 +76,25 @@ def _threshold_candidates(flat: torch.Tensor, n_keep: int, d_sae: int) -> torch.
 
     The returned set contains the batch top-k's positive entries when it holds at least
     ``n_keep`` entries (then the ``n_keep`` largest all lie above the threshold), or when the
-    threshold is 0 (then it holds every positive entry). The sample stride is coprime with
-    ``d_sae`` so that the sample covers every latent, not one residue class of them.
+    threshold is 0 (then it holds every positive entry).
+    """
+    floor = sampled_floor(flat, n_keep, d_sae)
+    if floor is None:
+        return None
+    candidates = (flat > floor).nonzero().squeeze(1)
+    if candidates.numel() >= n_keep or floor == 0.0:
+        return candidates
+    return None
+
+
+def sampled_floor(flat: torch.Tensor, n_keep: int, d_sae: int) -> float | None:
+    """A value (>= 0) that about 2.5x ``n_keep`` entries of ``flat`` exceed, from a sample.
+
+    An estimate, never trusted blindly: callers count the entries above it and fall back to
+    an exhaustive selection when fewer than ``n_keep`` are (the distributed selection agrees on
+    one floor for every process this way). ``None`` when the sample is too small to tell.
+    The sample stride is coprime with ``d_sae`` so that the sample covers every latent, not
+    one residue class of them.
     """
     sample = flat[:: threshold_sample_stride(flat.numel(), d_sae)]
     expected = n_keep * sample.numel() / flat.numel()
@@ -86,11 +103,7 @@ def _threshold_candidates(flat: torch.Tensor, n_keep: int, d_sae: int) -> torch.
     n_above = int(2 * expected + 4 * math.sqrt(expected) + 16)
     if n_above >= sample.numel():
         return None
-    floor = max(float(sample.kthvalue(sample.numel() - n_above).values), 0.0)
-    candidates = (flat > floor).nonzero().squeeze(1)
-    if candidates.numel() >= n_keep or floor == 0.0:
-        return candidates
-    return None
+    return max(float(sample.kthvalue(sample.numel() - n_above).values), 0.0)
 
 
 def threshold_sample_stride(n_entries: int, d_sae: int) -> int:
@@ -180,16 +193,22 @@ def batch_topk_cutoff(
     (what calibration needs at d_sae 65536); the result equals the minimum positive entry of
     ``batch_topk`` on the concatenated chunks.
     """
-    m = None
+    top = largest_values(pre_activation_chunks, n_selected(k, n_tokens))
+    positives = top[top > 0]
+    return positives.min().reshape(1) if positives.numel() else torch.full((1,), math.inf)
+
+
+def largest_values(pre_activation_chunks: Iterable[torch.Tensor], m: int) -> torch.Tensor:
+    """The ``m`` largest relu'd entries of a batch given as row chunks (all, if it has fewer).
+
+    Merged chunk by chunk, so memory stays at one chunk plus ``m`` values. Unordered.
+    """
     top = torch.empty(0)
     for chunk in pre_activation_chunks:
         relu = chunk.relu().flatten()
-        if m is None:
-            m = min(n_selected(k, n_tokens), n_tokens * chunk.shape[-1])
         top = torch.cat([top.to(relu), relu.topk(min(m, relu.numel()), sorted=False).values])
         top = top.topk(min(m, top.numel()), sorted=False).values
-    positives = top[top > 0]
-    return positives.min().reshape(1) if positives.numel() else torch.full((1,), math.inf)
+    return top
 
 
 def feature_choice_cutoffs(

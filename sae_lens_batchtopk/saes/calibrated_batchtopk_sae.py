@@ -37,7 +37,18 @@ from sae_lens.saes.topk_sae import TopKTrainingSAE, act_times_W_dec
 from torch import nn
 from typing_extensions import override
 
-from sae_lens_batchtopk.aux_losses import AuxLossInputs, get_aux_loss, is_sparse_ready
+from sae_lens_batchtopk.aux_losses import (
+    AuxLossInputs,
+    batch_variance,
+    get_aux_loss,
+    is_sparse_ready,
+)
+from sae_lens_batchtopk.distributed import (
+    SELECTION_SCOPES,
+    DistributedBatch,
+    SelectionScope,
+    is_distributed,
+)
 from sae_lens_batchtopk.finite import NonFiniteError, count_non_finite, require_finite
 from sae_lens_batchtopk.selection import (
     batch_topk,
@@ -370,6 +381,13 @@ class CalibratedBatchTopKTrainingSAEConfig(
             batches, ``reshape_activations="none"``, no hooks on the activation hook points,
             sparse-ready aux losses); otherwise the dense path runs, with a warning once.
             ``False`` always trains densely.
+        selection_scope: when training on several processes (torch.distributed), which batch
+            the top-k budget is over. ``"global"`` (default): the whole distributed batch, so
+            training equals one process training on all the processes' rows concatenated.
+            ``"local"``: each process keeps the top ``int(k * n)`` of its own ``n`` rows, i.e.
+            BatchTopK on a ``world_size`` times smaller batch (no selection collectives; a
+            different training rule). Gradients, dead-latent counters, firing rates and θ are
+            reduced over every process either way. Ignored on one process.
     """
 
     # Calibration methods that mean something for this architecture's training rule.
@@ -387,11 +405,13 @@ class CalibratedBatchTopKTrainingSAEConfig(
     calibration_target_l0: float | None = None
     calibration_tokens: int = 1_000_000
     fast_path: bool = True
+    selection_scope: SelectionScope = "global"
 
     def __post_init__(self) -> None:
         super().__post_init__()
         if not isinstance(self.fast_path, bool):
             raise TypeError(f"fast_path must be true or false, got {self.fast_path!r}")
+        check_choice("selection_scope", self.selection_scope, SELECTION_SCOPES)
         check_choice("b_dec_init", self.b_dec_init, ("mean", "zeros"))
         check_finite_number("topk_threshold_lr", self.topk_threshold_lr, low=0.0, high=1.0)
         if self.topk_threshold_lr == 0:
@@ -516,6 +536,12 @@ class CalibratedBatchTopKTrainingSAE(_Thresholds, TopKTrainingSAE):
     Training takes the sparse path when ``cfg.fast_path`` allows it (see the config). There the
     step output's ``feature_acts`` and ``hidden_pre`` are sparse COO tensors holding the
     selected entries only; SAELens's trainer reads them as it reads its own sparse TopK codes.
+
+    On several processes, :meth:`set_distributed` (called by
+    :class:`~sae_lens_batchtopk.trainer.DistributedSAETrainer`) makes every training step
+    span the whole distributed batch: selection (per ``selection_scope``), the decoder-bias
+    init, the aux losses' batch variance, the NaN guard and the training state. Encoding
+    outside a training step (evaluations) stays local to the process.
     """
 
     cfg: CalibratedBatchTopKTrainingSAEConfig  # type: ignore[assignment]
@@ -544,6 +570,11 @@ class CalibratedBatchTopKTrainingSAE(_Thresholds, TopKTrainingSAE):
         # SAELens's trainer mask of the last step (dead_tokens_window=None); not state: the
         # trainer saves and resumes its own counters.
         self._trainer_dead_mask: torch.Tensor | None = None
+        # The processes this SAE trains with (None: this one only), and, during a training step
+        # with global selection, the batch the selection spans.
+        self.distributed: DistributedBatch | None = None
+        self._selection_batch: DistributedBatch | None = None
+        self._undistributed_warned = False
         self.register_buffer(
             "threshold", torch.full((cfg.d_sae,), torch.nan, dtype=self.dtype, device=device)
         )
@@ -564,7 +595,22 @@ class CalibratedBatchTopKTrainingSAE(_Thresholds, TopKTrainingSAE):
 
     @override
     def get_activation_fn(self) -> Callable[[torch.Tensor], torch.Tensor]:
-        return partial(batch_topk, k=self.cfg.k)
+        return self.select_dense
+
+    def select_dense(self, hidden_pre: torch.Tensor) -> torch.Tensor:
+        """Batch top-k of a dense batch: across processes inside a globally selecting step."""
+        if self._selection_batch is not None:
+            return self._selection_batch.batch_topk(hidden_pre, self.cfg.k)
+        return batch_topk(hidden_pre, self.cfg.k)
+
+    def set_distributed(self, batch: DistributedBatch | None) -> None:
+        """Train as one replica of several: ``batch`` names the process group (``None``: alone).
+
+        The selection scope is this SAE's ``selection_scope``, whatever ``batch.scope`` says.
+        """
+        if batch is not None:
+            batch = DistributedBatch(scope=self.cfg.selection_scope, group=batch.group)
+        self.distributed = batch
 
     @override
     def get_coefficients(self) -> dict[str, float | TrainCoefficientConfig]:
@@ -665,6 +711,7 @@ class CalibratedBatchTopKTrainingSAE(_Thresholds, TopKTrainingSAE):
         reconstruct_selected: Callable[[torch.Tensor, torch.Tensor], torch.Tensor],
     ) -> AuxLossInputs:
         """What every aux loss sees this step: the whole SAE's residual and latent masks."""
+        union = self._selection_batch
         return AuxLossInputs(
             sae_in=step_input.sae_in,
             sae_out=sae_out,
@@ -675,6 +722,7 @@ class CalibratedBatchTopKTrainingSAE(_Thresholds, TopKTrainingSAE):
             k_aux=self.cfg.resolved_aux_k,
             decode_directions=self.decode_directions,
             reconstruct_selected=reconstruct_selected,
+            variance=batch_variance if union is None else union.total_variance,
         )
 
     def weighted_aux_losses(
@@ -706,6 +754,8 @@ class CalibratedBatchTopKTrainingSAE(_Thresholds, TopKTrainingSAE):
 
     def select_indices(self, hidden_pre: torch.Tensor) -> torch.Tensor:
         """The sparse path's selection: flat indices of the kept entries of a 2-D batch."""
+        if self._selection_batch is not None:
+            return self._selection_batch.batch_topk_indices(hidden_pre, self.cfg.k)
         return batch_topk_indices(hidden_pre, self.cfg.k)
 
     def sparse_path_blocker(self, sae_in: torch.Tensor) -> str | None:
@@ -756,6 +806,17 @@ class CalibratedBatchTopKTrainingSAE(_Thresholds, TopKTrainingSAE):
     @override
     def training_forward_pass(self, step_input: TrainStepInput) -> TrainStepOutput:
         self._check_batch_shape(step_input)
+        self._warn_if_undistributed()
+        distributed = self.distributed
+        if distributed is not None and distributed.selects_globally:
+            self._selection_batch = distributed
+        try:
+            output = self._training_forward_pass(step_input)
+        finally:
+            self._selection_batch = None
+        return output
+
+    def _training_forward_pass(self, step_input: TrainStepInput) -> TrainStepOutput:
         if not self._b_dec_init_checked:
             self._init_b_dec(step_input.sae_in)
         self._take_trainer_dead_mask(step_input)
@@ -769,8 +830,7 @@ class CalibratedBatchTopKTrainingSAE(_Thresholds, TopKTrainingSAE):
             output = self._dense_training_forward_pass(step_input)
         # One host sync: the input and every loss, before the state update and the optimizer
         # step, so a bad batch leaves the SAE's state and weights as they were.
-        if not bool(torch.isfinite(step_input.sae_in).all() & torch.isfinite(output.loss)):
-            raise NonFiniteError(_non_finite_step_message(step_input, output))
+        self._check_step_finite(step_input, output)
         self._update_training_state(output.feature_acts)
         output.metrics["running_theta"] = self.running_theta.detach()
         output.metrics["dead_latent_fraction"] = self.dead_mask.float().mean()
@@ -780,6 +840,41 @@ class CalibratedBatchTopKTrainingSAE(_Thresholds, TopKTrainingSAE):
     def _dense_training_forward_pass(self, step_input: TrainStepInput) -> TrainStepOutput:
         """SAELens's dense training pass: the reference the sparse pass equals."""
         return super().training_forward_pass(step_input)
+
+    def _check_step_finite(self, step_input: TrainStepInput, output: TrainStepOutput) -> None:
+        """Raise :class:`NonFiniteError` on every process if any process's step is non-finite.
+
+        All processes raise together, before the gradient all-reduce, so none is left waiting.
+        """
+        finite = torch.isfinite(step_input.sae_in).all() & torch.isfinite(output.loss)
+        if self.distributed is None:
+            if not bool(finite):
+                raise NonFiniteError(_non_finite_step_message(step_input, output))
+            return
+        bad = torch.zeros(self.distributed.world_size, dtype=torch.long)
+        bad[self.distributed.rank] = int(not bool(finite))
+        bad_ranks = self.distributed.summed(bad).nonzero().flatten().tolist()
+        if self.distributed.rank in bad_ranks:
+            raise NonFiniteError(
+                f"process {self.distributed.rank}: {_non_finite_step_message(step_input, output)}"
+            )
+        if bad_ranks:
+            raise NonFiniteError(
+                f"training step {step_input.n_training_steps}: non-finite values on process(es)"
+                f" {bad_ranks} (see their errors); every process stopped before the optimizer"
+                " step, the weights are unchanged and nothing was saved"
+            )
+
+    def _warn_if_undistributed(self) -> None:
+        """Several processes, but this SAE trains alone: each would select within its own batch."""
+        if self.distributed is None and not self._undistributed_warned and is_distributed():
+            self._undistributed_warned = True
+            warnings.warn(
+                "torch.distributed runs several processes but this SAE was not given them"
+                " (set_distributed, done by DistributedSAETrainer): every process trains its own"
+                " replica on its own batch, not one SAE on the whole distributed batch",
+                stacklevel=3,
+            )
 
     def _check_batch_shape(self, step_input: TrainStepInput) -> None:
         """An empty batch, or one too small for a single selected activation, is an error."""
@@ -800,7 +895,9 @@ class CalibratedBatchTopKTrainingSAE(_Thresholds, TopKTrainingSAE):
         """Before the first training step ever (not on resume), b_dec <- the batch mean."""
         self._b_dec_init_checked = True
         if self.cfg.b_dec_init == "mean" and int(self.tokens_seen) == 0:
-            mean = sae_in.reshape(-1, sae_in.shape[-1]).mean(0)
+            rows = sae_in.reshape(-1, sae_in.shape[-1])
+            # The replicas must stay identical: every process adopts the union's mean.
+            mean = self.distributed.row_mean(rows) if self.distributed else rows.mean(0)
             # A NaN first batch is reported by the step's finiteness check; never adopt it.
             if bool(torch.isfinite(mean).all()):
                 self.b_dec.copy_(mean)
@@ -812,9 +909,11 @@ class CalibratedBatchTopKTrainingSAE(_Thresholds, TopKTrainingSAE):
         """Advance the dead-latent counters, firing rates and the θ estimate; no host sync.
 
         ``feature_acts`` is dense, or sparse COO ``(n_tokens, d_sae)`` from the sparse path.
-        The arithmetic is float32 whatever the SAE's dtype.
+        The arithmetic is float32 whatever the SAE's dtype. On several processes the counts
+        and θ are the union's (:meth:`DistributedBatch.reduce_step_counts`), so every replica
+        holds the same state.
         """
-        n_tokens = feature_acts.shape[:-1].numel()
+        n_tokens: int | torch.Tensor = feature_acts.shape[:-1].numel()  # a tensor when reduced
         if feature_acts.is_sparse:
             values = feature_acts._values()
             latents = feature_acts._indices()[-1][values > 0]
@@ -822,6 +921,11 @@ class CalibratedBatchTopKTrainingSAE(_Thresholds, TopKTrainingSAE):
         else:
             values = feature_acts.detach().reshape(-1, feature_acts.shape[-1])
             fired_count = (values > 0).sum(0)
+        batch_theta = min_positive(values).float()
+        if self.distributed is not None:
+            n_tokens, fired_count, batch_theta = self.distributed.reduce_step_counts(
+                feature_acts.shape[:-1].numel(), fired_count, batch_theta
+            )
         self.tokens_since_fired.copy_(
             torch.where(fired_count > 0, 0, self.tokens_since_fired + n_tokens)
         )
@@ -830,7 +934,6 @@ class CalibratedBatchTopKTrainingSAE(_Thresholds, TopKTrainingSAE):
         weight = n_tokens / self.tokens_seen.float()
         self.firing_rate.lerp_(fired_count.float() / n_tokens, weight)
 
-        batch_theta = min_positive(values).float()
         rate = self.cfg.topk_threshold_lr
         ema = (1 - rate) * self.running_theta + rate * batch_theta
         updated = torch.where(self.running_theta > 0, ema, batch_theta)

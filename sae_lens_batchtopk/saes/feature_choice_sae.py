@@ -21,6 +21,7 @@ from typing import ClassVar, Literal
 import torch
 from typing_extensions import override
 
+from sae_lens_batchtopk.distributed import DistributedBatch
 from sae_lens_batchtopk.saes.calibrated_batchtopk_sae import (
     CalibratedBatchTopKTrainingSAE,
     CalibratedBatchTopKTrainingSAEConfig,
@@ -94,6 +95,22 @@ class FeatureChoiceTrainingSAE(CalibratedBatchTopKTrainingSAE):
     @override
     def select_indices(self, hidden_pre: torch.Tensor) -> torch.Tensor:
         return feature_choice_indices(hidden_pre, self.capacities(hidden_pre.shape[0]))
+
+    @override
+    def set_distributed(self, batch: DistributedBatch | None) -> None:
+        """Feature Choice selects within each process's batch only (``selection_scope="local"``).
+
+        A latent's top-``m`` tokens over the union would need every process's per-latent top
+        values (``m x d_sae`` each, unbounded under Zipf capacities); refused rather than
+        silently selecting per process.
+        """
+        if batch is not None and self.cfg.selection_scope == "global":
+            raise ValueError(
+                "feature_choice cannot yet select over the whole distributed batch; set"
+                " selection_scope='local' (each process applies Feature Choice to its own"
+                " batch; gradients and state are still reduced over every process)"
+            )
+        super().set_distributed(batch)
 
     def capacities(self, n_tokens: int) -> torch.Tensor:
         """Per-latent token capacities for a batch of ``n_tokens`` (sum ``int(k * n)``)."""
