@@ -9,6 +9,7 @@ hangs the suite.
 
 from __future__ import annotations
 
+import json
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -18,7 +19,8 @@ import pytest
 import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
-from conftest import step_input, tiny_runner_kwargs, trainer_config
+import yaml
+from conftest import needs_offline_assets, step_input, tiny_runner_kwargs, trainer_config
 from datasets import Dataset
 from sae_lens import SAE
 from sae_lens.training.sae_trainer import SAETrainer
@@ -47,7 +49,10 @@ from sae_lens_batchtopk.distributed_runner import (
     validate_distributed_runner_config,
 )
 from sae_lens_batchtopk.selection import n_selected, threshold_sample_stride
+from sae_lens_batchtopk.tools.cli import Resources, _without_nproc, main
 from sae_lens_batchtopk.trainer import DistributedSAETrainer, check_batch_divides
+
+DEFAULT_CONFIG = Path(__file__).parent.parent / "configs" / "smollm2-135m-wiki.yaml"
 
 WORLD = 2
 
@@ -516,3 +521,78 @@ def test_feature_choice_refuses_global_selection_across_processes(tmp_path: Path
         local.training_forward_pass(step_input(local, torch.randn(ROWS, D_IN)))
 
     run_processes(tmp_path, work)
+
+
+# -- the command line ------------------------------------------------------------------------
+
+
+def tiny_cli_config(tmp_path: Path, **overrides: object) -> Path:
+    options = tiny_runner_kwargs(tmp_path, eval_tokens=512, ce_eval_batches=1, **overrides)
+    del options["output_path"]
+    tmp_path.mkdir(parents=True, exist_ok=True)
+    config = tmp_path / "tiny.yaml"
+    config.write_text(yaml.safe_dump(options))
+    return config
+
+
+def test_cli_train_as_torchrun_workers_writes_one_folder_from_process_zero(
+    tmp_path: Path, tiny_model: HookedTransformer, tiny_dataset: Dataset
+) -> None:
+    """Each process runs the CLI's ``train`` as torchrun would start it; process 0 writes."""
+    config = tiny_cli_config(tmp_path / "cfg")
+    out = tmp_path / "run"
+
+    def work(rank: int) -> None:
+        resources = Resources(
+            tiny_model, tiny_dataset.select(range(448)), tiny_dataset.select(range(448, 512))
+        )
+        assert main(["train", str(config), "--output", str(out)], resources) == 0
+
+    run_processes(tmp_path / "group", work)
+    loaded = SAE.load_from_disk(out)
+    assert isinstance(loaded, CalibratedBatchTopKSAE)
+    assert loaded.cfg.metadata.calibration["method"] == "l0"
+    assert json.loads((out / "metrics.json").read_text())["headline"]["inference_l0_heldout"] > 0
+    assert {"cfg.json", "runner_cfg.json", "training_curves.json", "report.md"} <= {
+        path.name for path in out.iterdir()
+    }
+    assert [path.name for path in tmp_path.iterdir() if path.name.startswith(".run.")] == []
+
+
+def test_cli_checks_distributed_settings_before_launching(
+    tmp_path: Path, tiny_resources: Resources, capsys: pytest.CaptureFixture[str]
+) -> None:
+    config = tiny_cli_config(tmp_path, train_batch_size_tokens=63, calibration_tokens=2048)
+    argv = ["train", str(config), "--nproc-per-node", "2", "--dry-run"]
+    assert main(argv, tiny_resources) == 2
+    assert "--nproc-per-node 2: train_batch_size_tokens=63" in capsys.readouterr().err
+    assert _without_nproc(["train", "c.yaml", "--nproc-per-node", "2", "--overwrite"]) == [
+        "train",
+        "c.yaml",
+        "--overwrite",
+    ]
+    assert _without_nproc(["train", "--nproc-per-node=4", "c.yaml"]) == ["train", "c.yaml"]
+
+
+@needs_offline_assets
+@pytest.mark.slow
+def test_cli_launches_two_processes_with_torchrun(tmp_path: Path) -> None:
+    """``--nproc-per-node 2`` on the offline SmolLM2, reduced: torchrun starts the workers."""
+    out = tmp_path / "smollm2"
+    reduced = {
+        "d_sae": 256,
+        "training_tokens": 4096,
+        "calibration_tokens": 2048,
+        "dead_tokens_window": 2048,
+        "eval_tokens": 2048,
+        "ce_eval_batches": 1,
+        "store_batch_size_prompts": 8,
+        "n_batches_for_norm_estimate": 4,
+    }
+    argv = ["train", str(DEFAULT_CONFIG), "--output", str(out), "--nproc-per-node", "2"]
+    for key, value in reduced.items():
+        argv += ["--set", f"{key}={value}"]
+    assert main(argv) == 0
+    headline = json.loads((out / "metrics.json").read_text())["headline"]
+    assert 0 < headline["l0"] < 256
+    assert SAE.load_from_disk(out).cfg.metadata.calibration["n_tokens"] == 2048

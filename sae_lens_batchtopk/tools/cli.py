@@ -21,17 +21,19 @@ import json
 import os
 import re
 import shutil
+import subprocess
 import sys
 import tempfile
 import time
 from collections.abc import Iterator, Sequence
-from contextlib import contextmanager
+from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import datasets
 import torch
+import torch.distributed as dist
 import yaml
 from sae_lens import SAE, LanguageModelSAERunnerConfig, TrainingSAE
 from sae_lens.constants import (
@@ -52,6 +54,11 @@ from sae_lens_batchtopk.atomic import write_json
 from sae_lens_batchtopk.calibration import (
     METHODS,
     CalibrationError,
+)
+from sae_lens_batchtopk.distributed import init_process_group
+from sae_lens_batchtopk.distributed_runner import (
+    DistributedSAETrainingRunner,
+    validate_distributed_runner_config,
 )
 from sae_lens_batchtopk.evaluation import calibrate_with_report
 from sae_lens_batchtopk.finite import NonFiniteError
@@ -434,40 +441,94 @@ def resolved_config_yaml(settings: TrainSettings) -> str:
 
 
 def train(settings: TrainSettings, resources: Resources) -> Path:
-    """Train, calibrate and evaluate into a staging folder, then move it into place."""
+    """Train, calibrate and evaluate into a staging folder, then move it into place.
+
+    Under torchrun (or any initialised process group) every process trains on its shard of
+    each batch with the exact global selection (:mod:`sae_lens_batchtopk.distributed_runner`);
+    process 0 alone stages, evaluates and writes the folder, the others only train.
+    """
     runner_cfg = settings.runner_cfg
     check_model_fit(runner_cfg, resources.model)
     target = Path(runner_cfg.output_path)
-    with staged_folder(target, owned=TRAIN_FILES) as staging:
-        runner_cfg.output_path = str(staging)
-        runner = CalibratingSAETrainingRunner(
-            runner_cfg,
-            override_model=resources.model,
-            override_dataset=resources.train_dataset,
-        )
-        try:
-            runner.run()
-        except CalibrationError as error:
-            rescued = rescue_run(staging, target, runner_cfg)
-            raise CalibrationError(
-                f"{error.__cause__ or error}; the trained SAE was kept uncalibrated in"
-                f" {rescued} ({target} is unchanged): recalibrate it with sae-batchtopk"
-                f" calibrate {rescued} --method ... --target ..."
-            ) from error
-        runner_cfg.output_path = str(target)
-        write_json(staging / RUNNER_CFG_FILENAME, runner_cfg.to_dict())
-        write_json(staging / CURVES_FILE, runner.training_curves)
-        sae = SAE.load_from_disk(staging, device=runner_cfg.device)
-        evaluate_into(
-            staging,
-            sae,
-            runner_cfg,
-            resources,
-            eval_tokens=settings.eval_tokens,
-            ce_eval_batches=settings.ce_eval_batches,
-            training_curves=runner.training_curves,
-        )
+    with training_processes() as rank:
+        writer = rank in (None, 0)
+        stage = staged_folder(target, owned=TRAIN_FILES) if writer else nullcontext(target)
+        with stage as staging:
+            runner_cfg.output_path = str(staging)
+            runner_class = (
+                CalibratingSAETrainingRunner if rank is None else DistributedSAETrainingRunner
+            )
+            runner = runner_class(
+                runner_cfg,
+                override_model=resources.model,
+                override_dataset=resources.train_dataset,
+            )
+            try:
+                runner.run()
+            except CalibrationError as error:
+                if not writer:
+                    raise
+                rescued = rescue_run(staging, target, runner_cfg)
+                raise CalibrationError(
+                    f"{error.__cause__ or error}; the trained SAE was kept uncalibrated in"
+                    f" {rescued} ({target} is unchanged): recalibrate it with sae-batchtopk"
+                    f" calibrate {rescued} --method ... --target ..."
+                ) from error
+            runner_cfg.output_path = str(target)
+            if not writer:
+                return target
+            write_json(staging / RUNNER_CFG_FILENAME, runner_cfg.to_dict())
+            write_json(staging / CURVES_FILE, runner.training_curves)
+            sae = SAE.load_from_disk(staging, device=runner_cfg.device)
+            evaluate_into(
+                staging,
+                sae,
+                runner_cfg,
+                resources,
+                eval_tokens=settings.eval_tokens,
+                ce_eval_batches=settings.ce_eval_batches,
+                training_curves=runner.training_curves,
+            )
     return target
+
+
+@contextmanager
+def training_processes() -> Iterator[int | None]:
+    """This process's rank when training on several, else ``None``.
+
+    A process group already initialised (by a test or a caller) is used as it is; torchrun's
+    environment (``WORLD_SIZE`` > 1) starts one, closed again on the way out.
+    """
+    if dist.is_initialized():
+        yield dist.get_rank()
+    elif int(os.environ.get("WORLD_SIZE", "1")) > 1:
+        init_process_group()
+        try:
+            yield dist.get_rank()
+        finally:
+            dist.destroy_process_group()
+    else:
+        yield None
+
+
+def launch_processes(argv: Sequence[str], nproc_per_node: int) -> int:
+    """Run ``sae-batchtopk`` ``argv`` on ``nproc_per_node`` local processes through torchrun.
+
+    torchrun (``torch.distributed.run --standalone``) starts the processes and their
+    rendezvous; each runs this CLI's ``train`` as a worker. For several machines, run torchrun
+    with its own rendezvous options instead (see the README).
+    """
+    command = [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--standalone",
+        f"--nproc-per-node={nproc_per_node}",
+        "-m",
+        "sae_lens_batchtopk.tools.cli",
+        *argv,
+    ]
+    return subprocess.run(command, check=False).returncode
 
 
 def rescue_run(staging: Path, target: Path, runner_cfg: LanguageModelSAERunnerConfig[Any]) -> Path:
@@ -755,6 +816,14 @@ def build_parser() -> argparse.ArgumentParser:
     )
     train_parser.add_argument("--overwrite", action="store_true", help="replace an existing SAE")
     train_parser.add_argument(
+        "--nproc-per-node",
+        type=positive_int,
+        default=1,
+        metavar="N",
+        help="train on N local processes (torchrun, exact global batch top-k); several"
+        " machines: run torchrun yourself (README)",
+    )
+    train_parser.add_argument(
         "--output", type=Path, help="output folder (default: output_path, else runs/<config name>)"
     )
 
@@ -839,9 +908,16 @@ def main(argv: Sequence[str] | None = None, resources: Resources | None = None) 
                 args.overwrite,
                 model=resources.model if resources is not None else None,
             )
+            if args.nproc_per_node > 1:
+                try:
+                    validate_distributed_runner_config(settings.runner_cfg, args.nproc_per_node)
+                except ValueError as error:
+                    raise ConfigError(f"--nproc-per-node {args.nproc_per_node}: {error}") from None
             if args.dry_run:
                 print(resolved_config_yaml(settings), end="")
                 return 0
+            if args.nproc_per_node > 1 and "WORLD_SIZE" not in os.environ:
+                return launch_processes(_without_nproc(args_list), args.nproc_per_node)
             resources = resources or load_resources(settings.runner_cfg)
             print(f"wrote {train(settings, resources)}")
         elif args.command == "eval":
@@ -869,3 +945,21 @@ def main(argv: Sequence[str] | None = None, resources: Resources | None = None) 
         print(f"error: {' '.join(str(error).split())}", file=sys.stderr)
         return 1
     return 0
+
+
+def _without_nproc(argv: Sequence[str]) -> list[str]:
+    """``argv`` without ``--nproc-per-node N`` (or ``=N``): what each worker process runs."""
+    kept: list[str] = []
+    skip = False
+    for arg in argv:
+        if skip:
+            skip = False
+        elif arg == "--nproc-per-node":
+            skip = True
+        elif not arg.startswith("--nproc-per-node="):
+            kept.append(arg)
+    return kept
+
+
+if __name__ == "__main__":
+    sys.exit(main())
