@@ -20,9 +20,9 @@ from sae_lens.config import LanguageModelSAERunnerConfig, LoggingConfig
 from sae_lens.registry import SAE_TRAINING_CLASS_REGISTRY
 from transformer_lens import HookedTransformer
 
-from sae_lens_batchtopk import bench
-from sae_lens_batchtopk.activation_cache import ActivationCache, CacheSpec
 from sae_lens_batchtopk.calibration import METHODS
+from sae_lens_batchtopk.tools.benchmarks import quality as bench
+from sae_lens_batchtopk.tools.benchmarks.activation_cache import ActivationCache, CacheSpec
 
 ROW_FIELDS = {
     "label",

@@ -14,7 +14,7 @@ import pytest
 from conftest import needs_offline_assets
 from transformer_lens import HookedTransformer
 
-from sae_lens_batchtopk import speed_bench
+from sae_lens_batchtopk.tools.benchmarks import speed as speed_bench
 from sae_lens_batchtopk.tools.cli import main as cli_main
 
 

@@ -5,7 +5,7 @@ Trains, from the same initial weights on the same cached SmolLM2 activations, SA
 reference) and with the fast sparse path, each through SAELens's ``SAETrainer.step`` (so
 optimizer, gradient clipping and dead-latent bookkeeping are timed too). Reported per run:
 tokens/s over the timed steps (after warm-up), the median step time, the speed-up over the
-built-in, peak memory (measured in a fresh process by ``bench.probe_peak_memory``), and the
+built-in, peak memory (measured in a fresh process by ``quality.probe_peak_memory``), and the
 fraction of the machine's peak matmul throughput the step reaches counting only the work it
 must do (the dense encoder forward plus the sparse decode/backward). The fast and dense runs
 of our architecture are compared step by step: their MSE curves must agree to float rounding,
@@ -38,8 +38,15 @@ import matplotlib.pyplot as plt
 import torch
 from transformer_lens import HookedTransformer
 
-from sae_lens_batchtopk.activation_cache import CacheSpec
-from sae_lens_batchtopk.bench import (
+from sae_lens_batchtopk.runner import make_runner_config
+from sae_lens_batchtopk.saes.calibrated_batchtopk_sae import (
+    ARCHITECTURE,
+    CalibratedBatchTopKTrainingSAE,
+    CalibratedBatchTopKTrainingSAEConfig,
+)
+from sae_lens_batchtopk.selection import batch_topk_indices, n_selected
+from sae_lens_batchtopk.tools.benchmarks.activation_cache import CacheSpec
+from sae_lens_batchtopk.tools.benchmarks.quality import (
     MEMORY_PROBE_STEPS,
     MODEL_NAME,
     load_model_and_cache,
@@ -49,13 +56,6 @@ from sae_lens_batchtopk.bench import (
     train_statistics,
     write_outputs,
 )
-from sae_lens_batchtopk.runner import make_runner_config
-from sae_lens_batchtopk.saes.calibrated_batchtopk_sae import (
-    ARCHITECTURE,
-    CalibratedBatchTopKTrainingSAE,
-    CalibratedBatchTopKTrainingSAEConfig,
-)
-from sae_lens_batchtopk.selection import batch_topk_indices, n_selected
 
 # Run name -> (architecture, extra SAE options).
 RUNS: dict[str, tuple[str, dict[str, Any]]] = {

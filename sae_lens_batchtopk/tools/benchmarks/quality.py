@@ -2,11 +2,11 @@
 
 A comparison is only fair if everything but the architecture is held fixed, so every run here
 trains through SAELens's own ``SAETrainer`` on the same cached activations
-(:mod:`sae_lens_batchtopk.activation_cache`), in the same batch order, with the same batch
-size, Adam settings, learning-rate schedule (cosine to lr/10), activation normalization
-(SAELens's ``expected_average_only_in``, factor computed once from the train split), decoder
-bias initialisation (the train-split mean) and seed; no language model runs inside the training
-loop. Each run is then evaluated the way it would be deployed:
+(:mod:`.activation_cache`), in the same batch order, with the same batch size, Adam settings,
+learning-rate schedule (cosine to lr/10), activation normalization (SAELens's
+``expected_average_only_in``, factor computed once from the train split), decoder bias
+initialisation (the train-split mean) and seed; no language model runs inside the training loop.
+Each run is then evaluated the way it would be deployed:
 
 - ``topk``: SAELens's TopK inference SAE (per-token top k).
 - ``batchtopk``: SAELens's JumpReLU export of its BatchTopK (threshold = its EMA), through
@@ -91,11 +91,6 @@ from sae_lens.saes.sae import SAE, TrainingSAE
 from sae_lens.training.sae_trainer import SAETrainer
 from transformer_lens import HookedTransformer
 
-from sae_lens_batchtopk.activation_cache import (
-    ActivationCache,
-    CacheSpec,
-    load_or_create_activation_cache,
-)
 from sae_lens_batchtopk.aux_losses import registered_aux_losses
 from sae_lens_batchtopk.calibration import (
     METHODS,
@@ -108,6 +103,11 @@ from sae_lens_batchtopk.evaluation import reconstruction_stats
 from sae_lens_batchtopk.runner import make_runner_config
 from sae_lens_batchtopk.saes.calibrated_batchtopk_sae import ARCHITECTURE, CalibratedBatchTopKSAE
 from sae_lens_batchtopk.saes.feature_choice_sae import FEATURE_CHOICE
+from sae_lens_batchtopk.tools.benchmarks.activation_cache import (
+    ActivationCache,
+    CacheSpec,
+    load_or_create_activation_cache,
+)
 from sae_lens_batchtopk.tools.offline import default_cache_dir, load_smollm2, special_token_ids
 from sae_lens_batchtopk.tools.report import write_atomically, write_json
 
@@ -1817,7 +1817,7 @@ def config_from_args(args: argparse.Namespace) -> BenchConfig:
 
 
 def main(argv: list[str] | None = None) -> int:
-    """Entry point of ``sae-batchtopk bench`` and ``python -m sae_lens_batchtopk.bench``."""
+    """Entry point of ``sae-batchtopk bench`` (and of ``python -m`` on this module)."""
     argv = sys.argv[1:] if argv is None else argv
     args = parse_args(argv)
     config = config_from_args(args)
