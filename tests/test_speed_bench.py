@@ -15,6 +15,7 @@ from conftest import needs_offline_assets
 from transformer_lens import HookedTransformer
 
 from sae_lens_batchtopk.tools.benchmarks import speed as speed_bench
+from sae_lens_batchtopk.tools.benchmarks.speed_report import FILES
 from sae_lens_batchtopk.tools.cli import main as cli_main
 
 
@@ -48,18 +49,10 @@ def test_quick_speed_run(tmp_path: Path, smollm2: HookedTransformer) -> None:
         assert run["tokens_per_s"] > 0 and run["fraction_of_peak"] > 0
     assert results["curve_match"]["max_relative_difference"] < 1e-4
     assert results["selection"]["same_selection"] is True
-    for name in (
-        speed_bench.JSON_FILE,
-        speed_bench.MARKDOWN_FILE,
-        speed_bench.PLOT_FILE,
-        speed_bench.SECTION_FILE,
-    ):
+    for name in FILES:
         assert (config.output / name).stat().st_size > 0
-    assert json.loads((config.output / speed_bench.JSON_FILE).read_text())["runs"] == runs
-    assert (
-        "| calibrated_batchtopk | sparse |"
-        in (config.output / speed_bench.SECTION_FILE).read_text()
-    )
+    assert json.loads((config.output / FILES.json).read_text())["runs"] == runs
+    assert "| calibrated_batchtopk | sparse |" in (config.output / FILES.section).read_text()
 
 
 @pytest.mark.parametrize(

@@ -5,37 +5,31 @@ Trains, from the same initial weights on the same cached SmolLM2 activations, SA
 reference) and with the fast sparse path, each through SAELens's ``SAETrainer.step`` (so
 optimizer, gradient clipping and dead-latent bookkeeping are timed too). Reported per run:
 tokens/s over the timed steps (after warm-up), the median step time, the speed-up over the
-built-in, peak memory (measured in a fresh process by ``quality.probe_peak_memory``), and the
-fraction of the machine's peak matmul throughput the step reaches counting only the work it
-must do (the dense encoder forward plus the sparse decode/backward). The fast and dense runs
-of our architecture are compared step by step: their MSE curves must agree to float rounding,
-against a step-to-step change that is orders of magnitude larger. Dead latents are declared
-after ``--dead-window-steps`` so that every run's AuxK path is exercised and timed. The
-selection alone is timed too: the fast exact batch top-k against ``torch.topk`` over all
+built-in, peak memory (measured in a fresh process by
+:func:`~sae_lens_batchtopk.tools.benchmarks.harness.probe_peak_memory`), and the fraction of the
+machine's peak matmul throughput the step reaches counting only the work it must do (the dense
+encoder forward plus the sparse decode/backward). The fast and dense runs of our architecture
+are compared step by step: their MSE curves must agree to float rounding, against a
+step-to-step change that is orders of magnitude larger. Dead latents are declared after
+``--dead-window-steps`` so that every run's AuxK path is exercised and timed. The selection
+alone is timed too: the fast exact batch top-k against ``torch.topk`` over all
 ``tokens x d_sae`` entries, on the same pre-activations.
 """
 
 from __future__ import annotations
 
-import argparse
 import dataclasses
-import datetime
 import itertools
-import shlex
 import statistics
 import sys
 import time
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
-import matplotlib
-
-matplotlib.use("Agg")
-
-import matplotlib.pyplot as plt
 import torch
+from simple_parsing import ArgumentParser, field
 from transformer_lens import HookedTransformer
 
 from sae_lens_batchtopk.runner import make_runner_config
@@ -46,15 +40,31 @@ from sae_lens_batchtopk.saes.calibrated_batchtopk_sae import (
 )
 from sae_lens_batchtopk.selection import batch_topk_indices, n_selected
 from sae_lens_batchtopk.tools.benchmarks.activation_cache import CacheSpec
-from sae_lens_batchtopk.tools.benchmarks.quality import (
+from sae_lens_batchtopk.tools.benchmarks.command_line import (
+    Device,
+    check_device,
+    check_k,
+    command_parser,
+    one_or_more,
+    parse_command_line,
+    require_positive,
+    run_command,
+)
+from sae_lens_batchtopk.tools.benchmarks.harness import (
     MEMORY_PROBE_STEPS,
     MODEL_NAME,
     load_model_and_cache,
     machine_info,
     new_sae_and_trainer,
     probe_peak_memory,
+    synchronize,
     train_statistics,
-    write_outputs,
+    utc_now,
+)
+from sae_lens_batchtopk.tools.benchmarks.speed_report import (
+    FILES,
+    speed_table,
+    write_speed_outputs,
 )
 
 # Run name -> (architecture, extra SAE options).
@@ -65,60 +75,61 @@ RUNS: dict[str, tuple[str, dict[str, Any]]] = {
 }
 BASELINE = "batchtopk"
 FAST, DENSE = ARCHITECTURE, f"{ARCHITECTURE}/dense"
-JSON_FILE = "speed.json"
-MARKDOWN_FILE = "speed.md"
-PLOT_FILE = "speed_loss_curves.png"
-SECTION_FILE = "BENCHMARKS_speed_section.md"
+
+Result = TypeVar("Result")
 
 
 @dataclass(frozen=True)
 class SpeedConfig:
     """Settings of a speed benchmark; defaults are the issue's shape (d_in is the model's).
 
-    Attributes:
-        steps: timed training steps per run, after ``warmup_steps`` untimed ones.
-        dead_window_steps: latents idle this many steps count as dead for AuxK (built-in:
-            ``dead_feature_window``; ours: that many steps' tokens).
+    Each field is a command-line option (d_sae is --d-sae), its docstring the help.
     """
 
     d_sae: int = 16384
+    """Dictionary size."""
     k: float = 32.0
+    """Target L0 (batch top-k keeps k x batch entries per step)."""
     batch_size: int = 4096
+    """Tokens per training step."""
     steps: int = 20
+    """Timed training steps per run."""
     warmup_steps: int = 2
+    """Untimed steps before them (allocations, kernel selection)."""
     dead_window_steps: int = 2
+    """Latents idle this many steps count as dead for AuxK (built-in: dead_feature_window;
+    ours: that many steps' tokens), so every run's AuxK path is timed."""
     lr: float = 4e-4
-    hook_name: str = "blocks.3.hook_resid_post"
-    device: str = "cpu"
-    runs: tuple[str, ...] = tuple(RUNS)
+    """Adam learning rate."""
+    hook_name: str = field(default="blocks.3.hook_resid_post", alias="--hook")
+    """The hook whose cached activations every run trains on."""
+    device: Device = "cpu"
+    """Where the runs train."""
+    runs: tuple[str, ...] = one_or_more(*RUNS, metavar="RUN")
+    """Runs to time: batchtopk (the baseline), calibrated_batchtopk/dense,
+    calibrated_batchtopk."""
     seed: int = 42
+    """Seed of the batches and of every run's initial weights."""
     cache_dir: Path | None = None
+    """Where cached activations live (default: $SAE_BATCHTOPK_CACHE/activations or
+    ~/.cache/sae_lens_batchtopk/activations)."""
     output: Path = Path("speed_output")
-    model_name: str = MODEL_NAME
+    """Folder for speed.json, speed.md, speed_loss_curves.png and
+    BENCHMARKS_speed_section.md."""
+    model_name: str = field(default=MODEL_NAME, cmd=False)
+    """The model's label in the cache key."""
 
     def validate(self) -> None:
         """Reject bad settings before any work, naming the command-line option at fault."""
         unknown = sorted(set(self.runs) - set(RUNS))
         if unknown or not self.runs:
             raise ValueError(f"--runs: unknown {unknown}; choose from {list(RUNS)}")
-        for option, value in {
-            "--d-sae": self.d_sae,
-            "--batch-size": self.batch_size,
-            "--steps": self.steps,
-            "--dead-window-steps": self.dead_window_steps,
-        }.items():
-            if value <= 0:
-                raise ValueError(f"{option} must be positive, got {value}")
+        require_positive(self, ("d_sae", "batch_size", "steps", "dead_window_steps"))
         if self.warmup_steps < 0:
             raise ValueError(f"--warmup-steps must be >= 0, got {self.warmup_steps}")
-        if not 0 < self.k <= self.d_sae:
-            raise ValueError(f"--k {self.k} must be in (0, --d-sae {self.d_sae}]")
-        if self.lr <= 0:
-            raise ValueError(f"--lr must be positive, got {self.lr}")
-        if self.device not in ("cpu", "cuda"):
-            raise ValueError(f"--device must be cpu or cuda, got {self.device!r}")
-        if self.device == "cuda" and not torch.cuda.is_available():
-            raise ValueError("--device cuda: CUDA is not available on this machine")
+        check_k(self.k, self.d_sae)
+        require_positive(self, ("lr",))
+        check_device(self.device)
 
     @property
     def total_steps(self) -> int:
@@ -145,6 +156,23 @@ QUICK_SETTINGS: dict[str, Any] = {
     "steps": 4,
     "warmup_steps": 1,
 }
+
+
+def build_parser() -> ArgumentParser:
+    """``sae-batchtopk bench-speed``'s options: :class:`SpeedConfig`'s fields."""
+    return command_parser(
+        "sae-batchtopk bench-speed",
+        "Training-step throughput of calibrated_batchtopk (sparse fast path and dense"
+        " reference) against SAELens's built-in batchtopk, on the same cached activations.",
+        SpeedConfig,
+    )
+
+
+def parse_command(argv: Sequence[str]) -> SpeedConfig:
+    """The validated settings ``argv`` asks for."""
+    config: SpeedConfig = parse_command_line(build_parser, argv, lambda _: QUICK_SETTINGS).config
+    config.validate()
+    return config
 
 
 def run_speed_benchmark(
@@ -174,18 +202,19 @@ def run_speed_benchmark(
             "d_in": cache.d_in,
         },
         "machine": machine_info(),
-        "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+        "date": utc_now(),
         "command": command,
         "peak_matmul_flops": peak_matmul_flops(config.device),
         "selection": time_selection(config, batches[0] * train_stats[0]),
         "runs": runs,
         "curve_match": curve_match(runs),
     }
-    for run in runs.values():
+    speedups = speed_ups(runs)
+    for name, run in runs.items():
         run["fraction_of_peak"] = run["required_flops_per_s"] / results["peak_matmul_flops"]
-        if BASELINE in runs:
-            run["speedup"] = run["tokens_per_s"] / runs[BASELINE]["tokens_per_s"]
-    _write_outputs(results, Path(config.output))
+        if name in speedups:
+            run["speedup"] = speedups[name]
+    write_speed_outputs(results, Path(config.output))
     return results
 
 
@@ -221,12 +250,9 @@ def time_training_steps(
     sae, trainer = new_sae_and_trainer(runner_config, iter(batches), train_stats)
     seconds, mse, selected = [], [], []
     for batch in batches:
-        _synchronize(config.device)
-        start = time.perf_counter()
-        output = trainer.step(batch)
+        output, elapsed = _timed(config.device, lambda batch=batch: trainer.step(batch))
         trainer.n_training_steps += 1
-        _synchronize(config.device)
-        seconds.append(time.perf_counter() - start)
+        seconds.append(elapsed)
         mse.append(float(output.losses["mse_loss"].detach()))
         selected.append(float(output.feature_acts.bool().float().sum().to_dense()))
     timed = seconds[config.warmup_steps :]
@@ -234,18 +260,38 @@ def time_training_steps(
     # Work the step cannot avoid: the dense encoder forward, and per selected entry a
     # decode, its two gradients and the encoder's two gradients (d_in multiply-adds each).
     required = 2 * config.batch_size * d_in * config.d_sae + 10 * statistics.mean(selected) * d_in
+    speed = throughput(timed, config.batch_size)
     return {
         "architecture": architecture,
         "fast_path": bool(getattr(sae.cfg, "fast_path", False)),
-        "tokens_per_s": config.steps * config.batch_size / sum(timed),
-        "median_step_s": statistics.median(timed),
+        **speed,
         "peak_memory_mb": probe_peak_memory(
             runner_config, batches[:MEMORY_PROBE_STEPS], train_stats
         ),
-        "required_flops_per_s": required / statistics.median(timed),
+        "required_flops_per_s": required / speed["median_step_s"],
         "mse_loss": mse,
         "dead_fraction_end": float(trainer.dead_neurons.float().mean()),
     }
+
+
+def throughput(step_seconds: Sequence[float], batch_size: int) -> dict[str, float]:
+    """Tokens per second over the timed steps, and their median step time.
+
+    Tokens/s divides all timed tokens by all timed seconds, so a slow step counts in full;
+    the median step shows the typical step, unmoved by one disturbed step.
+    """
+    return {
+        "tokens_per_s": len(step_seconds) * batch_size / sum(step_seconds),
+        "median_step_s": statistics.median(step_seconds),
+    }
+
+
+def speed_ups(runs: Mapping[str, Mapping[str, Any]]) -> dict[str, float]:
+    """Each run's tokens/s over the baseline's (SAELens's built-in batchtopk); none without it."""
+    if BASELINE not in runs:
+        return {}
+    baseline = runs[BASELINE]["tokens_per_s"]
+    return {name: run["tokens_per_s"] / baseline for name, run in runs.items()}
 
 
 def time_selection(config: SpeedConfig, sae_in: torch.Tensor, repeats: int = 5) -> dict[str, Any]:
@@ -269,11 +315,7 @@ def time_selection(config: SpeedConfig, sae_in: torch.Tensor, repeats: int = 5) 
             ("fast_exact", lambda: batch_topk_indices(hidden_pre, config.k)),
             ("torch_topk", lambda: hidden_pre.flatten().topk(n_keep, sorted=False).indices),
         ):
-            _synchronize(config.device)
-            start = time.perf_counter()
-            select()
-            _synchronize(config.device)
-            seconds[name].append(time.perf_counter() - start)
+            seconds[name].append(_timed(config.device, select)[1])
     fast = batch_topk_indices(hidden_pre, config.k)
     reference = batch_topk_indices(hidden_pre, config.k, fast=False)
     return {
@@ -306,169 +348,27 @@ def peak_matmul_flops(device: str, size: int = 2048, repeats: int = 5) -> float:
     a = torch.randn(size, size, device=device)
     b = torch.randn(size, size, device=device)
     a @ b  # warm-up (allocations, kernel selection)
-    best = float("inf")
-    for _ in range(repeats):
-        _synchronize(device)
-        start = time.perf_counter()
-        a @ b
-        _synchronize(device)
-        best = min(best, time.perf_counter() - start)
+    best = min(_timed(device, lambda: a @ b)[1] for _ in range(repeats))
     return 2 * size**3 / best
 
 
-def _synchronize(device: str) -> None:
-    if device == "cuda":
-        torch.cuda.synchronize()
+def _timed(device: str, call: Callable[[], Result]) -> tuple[Result, float]:
+    """``call()`` and its wall-clock seconds, queued device work included."""
+    synchronize(device)
+    start = time.perf_counter()
+    result = call()
+    synchronize(device)
+    return result, time.perf_counter() - start
 
 
-def markdown_table(results: Mapping[str, Any]) -> str:
-    """One line per run: throughput, speed-up, step time, memory, fraction of peak, final MSE."""
-    lines = [
-        "| run | path | tokens/s | speed-up vs batchtopk | median step (s) | peak MB"
-        " | fraction of peak matmul | final MSE | dead at end |",
-        "|---|---|---|---|---|---|---|---|---|",
-    ]
-    for name, run in results["runs"].items():
-        speedup = f"{run['speedup']:.2f}x" if "speedup" in run else "-"
-        lines.append(
-            f"| {name} | {'sparse' if run['fast_path'] else 'dense'}"
-            f" | {run['tokens_per_s']:,.0f} | {speedup} | {run['median_step_s']:.3f}"
-            f" | {run['peak_memory_mb']:,.0f} | {run['fraction_of_peak']:.1%}"
-            f" | {run['mse_loss'][-1]:.4f} | {run['dead_fraction_end']:.1%} |"
-        )
-    return "\n".join(lines)
+def main(argv: Sequence[str] | None = None) -> int:
+    """Entry point of ``sae-batchtopk bench-speed`` (and of ``python -m`` on this module)."""
+    return run_command("bench-speed", argv, parse_command, _run)
 
 
-def loss_curves_figure(results: Mapping[str, Any]) -> plt.Figure:
-    figure, axes = plt.subplots(figsize=(7, 4))
-    for name, run in results["runs"].items():
-        axes.plot(range(1, len(run["mse_loss"]) + 1), run["mse_loss"], "o-", ms=3, label=name)
-    axes.set_xlabel("training step")
-    axes.set_ylabel("MSE loss (scaled activations)")
-    axes.set_yscale("log")
-    axes.grid(True, alpha=0.3)
-    axes.legend(fontsize=8)
-    figure.tight_layout()
-    return figure
-
-
-def benchmarks_section(results: Mapping[str, Any]) -> str:
-    """A ``BENCHMARKS.md`` section: command, machine, date, settings, table, curve match."""
-    machine, settings = results["machine"], results["settings"]
-    match = results["curve_match"]
-    lines = [
-        f"## Training-step speed, {results['date'][:10]}",
-        "",
-        "```",
-        results["command"] or "(called from Python: run_speed_benchmark)",
-        "```",
-        "",
-        f"- Machine: {machine['cpu']}, {machine['cores']} cores, GPU: {machine['gpu'] or 'none'};"
-        f" torch {machine['torch']}; device `{settings['device']}`; measured peak float32"
-        f" matmul {results['peak_matmul_flops'] / 1e9:,.0f} GFLOP/s.",
-        f"- Date (UTC): {results['date']}.",
-        f"- d_in {settings['d_in']}, d_sae {settings['d_sae']}, k {settings['k']:g}, batch"
-        f" {settings['batch_size']} tokens, {settings['steps']} timed steps after"
-        f" {settings['warmup_steps']} warm-up steps, same initial weights and batches (real"
-        f" SmolLM2 activations, `{settings['hook_name']}`); AuxK active (dead after"
-        f" {settings['dead_window_steps']} idle steps).",
-        "",
-        markdown_table(results),
-        "",
-    ]
-    if match is not None:
-        lines += [
-            f"Fast vs dense MSE curve: largest relative difference"
-            f" {match['max_relative_difference']:.2e} over all steps; median step-to-step"
-            f" change of the curve {match['step_to_step_change']:.2e}.",
-            "",
-        ]
-    selection = results["selection"]
-    lines += [
-        f"Selection alone (one batch's pre-activations): fast exact batch top-k"
-        f" {selection['fast_exact_s'] * 1e3:.1f} ms vs `torch.topk` over all entries"
-        f" {selection['torch_topk_s'] * 1e3:.1f} ms; same entries selected:"
-        f" {'yes' if selection['same_selection'] else 'NO'}.",
-        "",
-        f"![loss curves]({PLOT_FILE})",
-        "",
-    ]
-    return "\n".join(lines)
-
-
-def _write_outputs(results: Mapping[str, Any], output: Path) -> None:
-    write_outputs(
-        output,
-        {JSON_FILE: results},
-        {MARKDOWN_FILE: markdown_table(results) + "\n", SECTION_FILE: benchmarks_section(results)},
-        {PLOT_FILE: loss_curves_figure(results)},
-    )
-
-
-def build_parser() -> argparse.ArgumentParser:
-    defaults = SpeedConfig()
-    parser = argparse.ArgumentParser(
-        prog="sae-batchtopk bench-speed",
-        description="Training-step throughput of calibrated_batchtopk (sparse fast path and dense"
-        " reference) against SAELens's built-in batchtopk, on the same cached activations.",
-    )
-    parser.add_argument("--d-sae", type=int, default=defaults.d_sae)
-    parser.add_argument("--k", type=float, default=defaults.k)
-    parser.add_argument("--batch-size", type=int, default=defaults.batch_size)
-    parser.add_argument("--steps", type=int, default=defaults.steps, help="timed steps per run")
-    parser.add_argument("--warmup-steps", type=int, default=defaults.warmup_steps)
-    parser.add_argument("--dead-window-steps", type=int, default=defaults.dead_window_steps)
-    parser.add_argument("--lr", type=float, default=defaults.lr)
-    parser.add_argument("--hook", default=defaults.hook_name)
-    parser.add_argument("--device", choices=("cpu", "cuda"), default=defaults.device)
-    parser.add_argument("--runs", nargs="+", default=list(defaults.runs), metavar="RUN")
-    parser.add_argument("--seed", type=int, default=defaults.seed)
-    parser.add_argument("--cache-dir", type=Path, default=None)
-    parser.add_argument("--output", type=Path, default=defaults.output)
-    parser.add_argument(
-        "--quick", action="store_true", help="tiny shapes; explicit options still take precedence"
-    )
-    return parser
-
-
-def config_from_argv(argv: Sequence[str]) -> SpeedConfig:
-    parser = build_parser()
-    args = parser.parse_args(argv)
-    if args.quick:
-        parser.set_defaults(**QUICK_SETTINGS)
-        args = parser.parse_args(argv)
-    return SpeedConfig(
-        d_sae=args.d_sae,
-        k=args.k,
-        batch_size=args.batch_size,
-        steps=args.steps,
-        warmup_steps=args.warmup_steps,
-        dead_window_steps=args.dead_window_steps,
-        lr=args.lr,
-        hook_name=args.hook,
-        device=args.device,
-        runs=tuple(args.runs),
-        seed=args.seed,
-        cache_dir=args.cache_dir,
-        output=args.output,
-    )
-
-
-def main(argv: list[str] | None = None) -> int:
-    """Entry point of ``sae-batchtopk bench-speed``."""
-    argv = sys.argv[1:] if argv is None else argv
-    config = config_from_argv(argv)
-    try:
-        config.validate()
-    except ValueError as error:
-        print(f"sae-batchtopk bench-speed: error: {error}", file=sys.stderr)
-        return 2
-    results = run_speed_benchmark(
-        config, command=shlex.join(["sae-batchtopk", "bench-speed", *argv])
-    )
-    print(markdown_table(results))
-    print(f"\nwrote {JSON_FILE}, {MARKDOWN_FILE}, {PLOT_FILE}, {SECTION_FILE} to {config.output}")
-    return 0
+def _run(config: SpeedConfig, command: str) -> str:
+    results = run_speed_benchmark(config, command=command)
+    return f"{speed_table(results)}\n\nwrote {', '.join(FILES)} to {config.output}"
 
 
 if __name__ == "__main__":
