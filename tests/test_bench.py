@@ -20,9 +20,12 @@ from sae_lens.config import LanguageModelSAERunnerConfig, LoggingConfig
 from sae_lens.registry import SAE_TRAINING_CLASS_REGISTRY
 from transformer_lens import HookedTransformer
 
-from sae_lens_batchtopk import bench
-from sae_lens_batchtopk.activation_cache import ActivationCache, CacheSpec
 from sae_lens_batchtopk.calibration import METHODS
+from sae_lens_batchtopk.saes.calibrated_batchtopk_sae import ARCHITECTURE
+from sae_lens_batchtopk.tools.benchmarks import harness, quality, quality_config, quality_report
+from sae_lens_batchtopk.tools.benchmarks.activation_cache import ActivationCache, CacheSpec
+from sae_lens_batchtopk.tools.benchmarks.quality_config import BenchConfig
+from sae_lens_batchtopk.tools.benchmarks.quality_report import FILES
 
 ROW_FIELDS = {
     "label",
@@ -51,7 +54,7 @@ EXPECTED_LABELS = {
 }
 
 
-def tiny_config(tmp_path: Path, **overrides: object) -> bench.BenchConfig:
+def tiny_config(tmp_path: Path, **overrides: object) -> BenchConfig:
     settings: dict[str, object] = {
         "k": (4,),
         "d_sae": (64,),
@@ -68,7 +71,7 @@ def tiny_config(tmp_path: Path, **overrides: object) -> bench.BenchConfig:
         "memory_probe": False,  # a fresh process per run; one test below turns it on
     }
     settings.update(overrides)
-    return bench.BenchConfig(**settings)  # type: ignore[arg-type]
+    return BenchConfig(**settings)  # type: ignore[arg-type]
 
 
 @pytest.fixture(scope="module")
@@ -83,7 +86,7 @@ def test_run_writes_every_row_and_reuses_the_cache_and_runs(
     tmp_path: Path, smollm2: HookedTransformer, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     config = tiny_config(tmp_path)
-    first = bench.run_benchmark(config, model=smollm2, show_progress=False)
+    first = quality.run_benchmark(config, model=smollm2, show_progress=False)
 
     assert first["cache"]["reused"] is False
     assert {row["label"] for row in first["rows"]} == EXPECTED_LABELS
@@ -93,15 +96,15 @@ def test_run_writes_every_row_and_reuses_the_cache_and_runs(
         assert row["ce_loss_clean"] < row["ce_loss_zero"]
     calibrated = [r for r in first["rows"] if r["architecture"] == "calibrated_batchtopk"]
     assert len({r["train_tokens_per_s"] for r in calibrated}) == 1  # one training run
-    for name in (bench.JSON_FILE, bench.MARKDOWN_FILE, bench.PLOT_FILE, bench.SECTION_FILE):
+    for name in FILES:
         assert (config.output / name).stat().st_size > 0
-    assert json.loads((config.output / bench.JSON_FILE).read_text())["rows"] == first["rows"]
-    section = (config.output / bench.SECTION_FILE).read_text()
+    assert json.loads((config.output / FILES.json).read_text())["rows"] == first["rows"]
+    section = (config.output / FILES.section).read_text()
     assert "Machine:" in section and "| calibrated_batchtopk/auxk[l0] |" in section
 
     cache_file = Path(first["cache"]["path"])
     written = cache_file.stat().st_mtime_ns
-    second = bench.run_benchmark(
+    second = quality.run_benchmark(
         dataclasses.replace(
             config, architectures=("topk",), output=tmp_path / "again", memory_probe=True
         ),
@@ -109,7 +112,7 @@ def test_run_writes_every_row_and_reuses_the_cache_and_runs(
         show_progress=False,
     )
     assert second["rows"][0]["peak_memory_mb"] > 0  # measured in a fresh process
-    (run_file,) = (tmp_path / "again" / bench.RUNS_DIR).iterdir()
+    (run_file,) = (tmp_path / "again" / quality.RUNS_DIR).iterdir()
     assert json.loads(run_file.read_text())["memory_probe"]["peak_memory_mb"] > 0
     assert second["cache"] == {"path": str(cache_file), "reused": True}
     assert cache_file.stat().st_mtime_ns == written
@@ -121,12 +124,12 @@ def test_run_writes_every_row_and_reuses_the_cache_and_runs(
     def no_training(*args: object, **kwargs: object) -> None:
         raise AssertionError("a finished run was retrained")
 
-    monkeypatch.setattr(bench, "_train", no_training)
-    resumed = bench.run_benchmark(config, model=smollm2, show_progress=False)
+    monkeypatch.setattr(quality, "_train", no_training)
+    resumed = quality.run_benchmark(config, model=smollm2, show_progress=False)
     assert resumed["rows"] == first["rows"]
-    assert len(list((config.output / bench.RUNS_DIR).iterdir())) == 4  # one file per run
+    assert len(list((config.output / quality.RUNS_DIR).iterdir())) == 4  # one file per run
     with pytest.raises(AssertionError, match="retrained"):
-        bench.run_benchmark(
+        quality.run_benchmark(
             dataclasses.replace(config, lr=2e-3), model=smollm2, show_progress=False
         )
 
@@ -138,7 +141,7 @@ def test_feature_choice_and_aux_variants(tmp_path: Path, smollm2: HookedTransfor
         architectures=("calibrated_batchtopk", "feature_choice"),
         aux_variants=("none", "auxk+zipf"),
     )
-    rows = bench.run_benchmark(config, model=smollm2, show_progress=False)["rows"]
+    rows = quality.run_benchmark(config, model=smollm2, show_progress=False)["rows"]
     labels = {row["label"] for row in rows}
     for variant in config.aux_variants:
         assert {f"calibrated_batchtopk/{variant}[{m}]" for m in METHODS} <= labels
@@ -166,40 +169,66 @@ def test_bad_input_fails_before_any_work(
 ) -> None:
     config = tiny_config(tmp_path, **overrides)
     with pytest.raises(ValueError, match=option):
-        bench.run_benchmark(config)  # no model passed: loading it would be "work"
+        quality.run_benchmark(config)  # no model passed: loading it would be "work"
     assert not (tmp_path / "cache").exists()
 
 
 def test_main_reports_bad_options(capsys: pytest.CaptureFixture[str], tmp_path: Path) -> None:
     argv = ["--k", "300", "--d-sae", "256", "--output", str(tmp_path / "out")]
-    assert bench.main(argv) == 2
+    assert quality.main(argv) == 2
     assert "--k" in capsys.readouterr().err
 
 
 def test_quick_sets_tiny_defaults_that_explicit_options_override() -> None:
-    config = bench.config_from_args(bench.parse_args(["--quick", "--epochs", "1"]))
-    assert config.d_sae == (256,) and config.train_tokens == bench.QUICK_SETTINGS["train_tokens"]
-    assert config.epochs == 1
-    config.validate()
+    config, (validated,) = quality.parse_command(["--quick", "--epochs", "1"])
+    assert config.train_tokens == quality_config.QUICK_SETTINGS["train_tokens"]
+    assert config.d_sae == (256,) and config.k == (8,) and config.epochs == 1
+    assert validated == config  # one hook: the same settings, validated
+
+
+@pytest.mark.parametrize(
+    ("argv", "expected"),
+    [
+        # A command BENCHMARKS.md quotes: every option keeps its spelling and meaning.
+        (
+            "--k 32 16 --d-sae 4608 --architectures batchtopk calibrated_batchtopk --batch-size"
+            " 1024 --lr 1e-3 --train-tokens 700000 --epochs 3 --calibration-tokens 100000"
+            " --heldout-tokens 100000 --dead-window-tokens 51200 --seed 43 --output runs/x",
+            {"k": (32.0, 16.0), "d_sae": (4608,), "batch_size": 1024, "lr": 1e-3, "seed": 43,
+             "architectures": ("batchtopk", "calibrated_batchtopk"), "train_tokens": 700_000,
+             "epochs": 3, "dead_window_tokens": 51_200, "output": Path("runs/x")},
+        ),
+        ("--quick --no-memory-probe --rerun", {"memory_probe": False, "rerun": True}),
+        ("--rerun --no-memory-probe --quick", {"memory_probe": False, "rerun": True}),
+        ("--aux-variants none auxk+zipf --jumprelu-l0-coefficient 4",
+         {"aux_variants": ("none", "auxk+zipf"), "jumprelu_l0_coefficient": 4.0}),
+        ("--preset sae-lens-defaults --train-tokens 8192 --snapshot-tokens 4096",
+         {"preset": "sae-lens-defaults", "snapshot_tokens": (4096,),
+          "architectures": quality_config.PRESET_ARCHITECTURES}),
+    ],
+)  # fmt: skip
+def test_command_line_options_set_their_fields(argv: str, expected: dict[str, object]) -> None:
+    config, _ = quality.parse_command(argv.split())
+    assert {name: getattr(config, name) for name in expected} == expected
 
 
 @needs_offline_assets
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
 def test_cuda_run(tmp_path: Path) -> None:
     config = tiny_config(tmp_path, device="cuda", architectures=("batchtopk",), memory_probe=True)
-    results = bench.run_benchmark(config, show_progress=False)
+    results = quality.run_benchmark(config, show_progress=False)
     assert results["machine"]["gpu"]
     assert results["rows"][0]["peak_memory_mb"] > 0
 
 
 # --- the sae-lens-defaults preset -------------------------------------------------------------
 
-DEFAULTS = bench.SAE_LENS_DEFAULTS_PRESET
+DEFAULTS = quality_config.SAE_LENS_DEFAULTS_PRESET
 # SAELens's default batch; literal on purpose, as a cross-check of what the harness reads.
 SAE_LENS_BATCH = 4096
 
 
-def tiny_defaults_config(tmp_path: Path, **overrides: object) -> bench.BenchConfig:
+def tiny_defaults_config(tmp_path: Path, **overrides: object) -> BenchConfig:
     """Tiny shapes under the sae-lens-defaults preset: no bench-only setting is touched."""
     settings: dict[str, object] = {
         "preset": DEFAULTS,
@@ -215,7 +244,7 @@ def tiny_defaults_config(tmp_path: Path, **overrides: object) -> bench.BenchConf
         "memory_probe": False,
     }
     settings.update(overrides)
-    return bench.BenchConfig(**settings)  # type: ignore[arg-type]
+    return BenchConfig(**settings)  # type: ignore[arg-type]
 
 
 def random_cache(train_batches: int = 2, d_in: int = 16) -> ActivationCache:
@@ -241,12 +270,12 @@ def field_default(field: dataclasses.Field[object]) -> object:
     return field.default
 
 
-@pytest.mark.parametrize("architecture", bench.PRESET_ARCHITECTURES)
+@pytest.mark.parametrize("architecture", quality_config.PRESET_ARCHITECTURES)
 def test_defaults_preset_sets_only_architecture_k_shape_device_seed_tokens(
     tmp_path: Path, architecture: str
 ) -> None:
     config = tiny_defaults_config(tmp_path, epochs=3)
-    runner = bench._runner_config(architecture, 4, 64, config, 16, None, False)
+    runner = quality_config.runner_config_for(architecture, 4, 64, config, 16, None, False)
 
     # The trainer settings are those SAELens builds when a user sets nothing else.
     sae_class = SAE_TRAINING_CLASS_REGISTRY[architecture][1]
@@ -282,17 +311,17 @@ def test_defaults_preset_sets_only_architecture_k_shape_device_seed_tokens(
     assert runner.train_batch_size_tokens == SAE_LENS_BATCH == config.training_batch_size
     assert (runner.dead_feature_window, runner.feature_sampling_window) == (1000, 2000)
     assert runner.sae.normalize_activations == "none" and runner.sae.decoder_init_norm == 0.1
-    assert bench.resolved_settings(runner)["trainer"]["lr"] == 3e-4
+    assert quality_config.resolved_settings(runner)["trainer"]["lr"] == 3e-4
 
 
-@pytest.mark.parametrize("architecture", bench.PRESET_ARCHITECTURES)
+@pytest.mark.parametrize("architecture", quality_config.PRESET_ARCHITECTURES)
 def test_defaults_preset_leaves_b_dec_and_scaling_to_sae_lens(
     tmp_path: Path, architecture: str
 ) -> None:
-    runner = bench._runner_config(
+    runner = quality_config.runner_config_for(
         architecture, 4, 64, tiny_defaults_config(tmp_path), 16, None, False
     )
-    sae, trainer = bench.new_sae_and_trainer(runner, iter([]), None)
+    sae, trainer = harness.new_sae_and_trainer(runner, iter([]), None)
     torch.manual_seed(runner.seed)
     untouched = SAE_TRAINING_CLASS_REGISTRY[architecture][0](runner.sae)
     for name, tensor in untouched.state_dict().items():
@@ -301,25 +330,27 @@ def test_defaults_preset_leaves_b_dec_and_scaling_to_sae_lens(
     assert trainer.activation_scaler.scaling_factor is None
     # The bench preset, by contrast, fixes both.
     mean = torch.full((16,), 2.0)
-    sae, trainer = bench.new_sae_and_trainer(runner, iter([]), (0.5, mean))
+    sae, trainer = harness.new_sae_and_trainer(runner, iter([]), (0.5, mean))
     assert torch.equal(sae.b_dec, mean * 0.5) and trainer.activation_scaler.scaling_factor == 0.5
 
 
-@pytest.mark.parametrize("architecture", bench.PRESET_ARCHITECTURES)
+@pytest.mark.parametrize("architecture", quality_config.PRESET_ARCHITECTURES)
 def test_snapshot_equals_a_separate_run_bitwise(tmp_path: Path, architecture: str) -> None:
     cache = random_cache(train_batches=2)
     # 3 epochs of 2 batches; snapshots after step 1 and step 3 (inside the second epoch).
     long = tiny_defaults_config(tmp_path, epochs=3, snapshot_tokens=(1 * 4096, 3 * 4096 + 5))
-    runner = bench._runner_config(architecture, 4, 64, long, cache.d_in, None, False)
-    budgets = bench._train(runner, 4, long, cache, None)
+    runner = quality_config.runner_config_for(architecture, 4, 64, long, cache.d_in, None, False)
+    budgets = quality._train(runner, 4, long, cache, None)
     assert [info["training_tokens"] for _, info in budgets] == [4096, 3 * 4096, 6 * 4096]
     assert [info["snapshot"] for _, info in budgets] == [True, True, False]
 
     for (snapshot, info), steps in zip(budgets[:2], (1, 3), strict=True):
         # A separate run of that many tokens: same cache, hence the same batch stream.
         short = dataclasses.replace(long, train_tokens=steps * 4096, epochs=1, snapshot_tokens=())
-        runner = bench._runner_config(architecture, 4, 64, short, cache.d_in, None, False)
-        ((separate, separate_info),) = bench._train(runner, 4, short, cache, None)
+        runner = quality_config.runner_config_for(
+            architecture, 4, 64, short, cache.d_in, None, False
+        )
+        ((separate, separate_info),) = quality._train(runner, 4, short, cache, None)
         assert separate_info["training_tokens"] == info["training_tokens"]
         assert separate_info["train_dead_fraction"] == info["train_dead_fraction"]
         state, expected = snapshot.state_dict(), separate.state_dict()
@@ -344,12 +375,12 @@ def test_snapshots_are_refused_unless_the_schedule_is_constant(
 ) -> None:
     config = tiny_defaults_config(tmp_path, epochs=2, snapshot_tokens=(4096,))
     runner = dataclasses.replace(
-        bench._runner_config("topk", 4, 64, config, 16, None, False), **change
+        quality_config.runner_config_for("topk", 4, 64, config, 16, None, False), **change
     )
-    assert bench.is_constant_schedule(vars(runner)) is constant
+    assert quality_config.is_constant_schedule(vars(runner)) is constant
     if not constant:
         with pytest.raises(ValueError, match="--snapshot-tokens"):
-            bench._train(runner, 4, config, random_cache(), None)
+            quality._train(runner, 4, config, random_cache(), None)
 
 
 @pytest.mark.parametrize(
@@ -370,7 +401,7 @@ def test_snapshots_are_refused_unless_the_schedule_is_constant(
 def test_defaults_preset_bad_input_fails_before_any_work(
     tmp_path: Path, overrides: dict[str, object], option: str
 ) -> None:
-    config = bench.BenchConfig(
+    config = BenchConfig(
         **{  # type: ignore[arg-type]
             "k": (4,),
             "d_sae": (64,),
@@ -380,25 +411,25 @@ def test_defaults_preset_bad_input_fails_before_any_work(
         }
     )
     with pytest.raises(ValueError, match=option):
-        bench.run_benchmark(config)
+        quality.run_benchmark(config)
     assert not (tmp_path / "cache").exists()
 
 
 def test_cli_refuses_bench_only_options_under_the_defaults_preset(
     capsys: pytest.CaptureFixture[str],
 ) -> None:
-    with pytest.raises(SystemExit):  # even at the bench default, which would be ignored
-        bench.parse_args(["--preset", DEFAULTS, "--lr", str(bench.BenchConfig().lr)])
+    # Even at the bench default, which the preset would otherwise silently ignore.
+    assert quality.main(["--preset", DEFAULTS, "--lr", str(BenchConfig().lr)]) == 2
     assert "error: --lr: --preset sae-lens-defaults" in capsys.readouterr().err
     # --quick leaves the bench-only settings alone there; hooks split the output.
-    args = bench.parse_args(["--preset", DEFAULTS, "--quick", "--hook", "blocks.1.x", "b.2"])
-    config = bench.config_from_args(args)
-    config.validate()
-    assert config.architectures == bench.PRESET_ARCHITECTURES and config.lr == 4e-4
-    configs = bench.per_hook_configs(config, args.hook)
+    config, configs = quality.parse_command(
+        ["--preset", DEFAULTS, "--quick", "--hook", "blocks.1.x", "b.2"]
+    )
+    assert config.architectures == quality_config.PRESET_ARCHITECTURES and config.lr == 4e-4
     assert [c.output for c in configs] == [config.output / "blocks.1.x", config.output / "b.2"]
+    assert [c.hook_name for c in configs] == ["blocks.1.x", "b.2"]
     with pytest.raises(ValueError, match="--hook"):
-        bench.per_hook_configs(config, ["a", "a"])
+        quality.per_hook_configs(config, ["a", "a"])
 
 
 @pytest.mark.parametrize(
@@ -413,7 +444,7 @@ def test_cli_refuses_bench_only_options_under_the_defaults_preset(
     ],
 )
 def test_equal_l0_verdict(ours_l0: float, ours_nmse: float, verdict: str) -> None:
-    assert bench.equal_l0_verdict(ours_l0, ours_nmse, 32.0, 0.051) == verdict
+    assert quality_report.equal_l0_verdict(ours_l0, ours_nmse, 32.0, 0.051) == verdict
 
 
 def test_comparison_cells_pick_the_compared_rows() -> None:
@@ -431,7 +462,7 @@ def test_comparison_cells_pick_the_compared_rows() -> None:
         row("batchtopk[ema]", 9, 0.20, tokens=8192),
         row("calibrated_batchtopk[l0]", 4, 0.22, tokens=8192, equal_l0_error="cannot reach 9"),
     ]
-    first, second = bench.comparison_cells(rows)
+    first, second = quality_report.comparison_cells(rows)
     assert first["verdict"] == "yes" and first["ours_equal_l0_nmse"] == 0.15
     assert (first["builtin_l0"], first["builtin_calibrated_nmse"], first["topk_nmse"]) == (
         9,
@@ -440,7 +471,9 @@ def test_comparison_cells_pick_the_compared_rows() -> None:
     )
     assert first["ce_loss_score"] == {"ours": 0.9, "builtin": 0.9, "topk": 0.9}
     assert second["verdict"] == "n/a: cannot reach 9" and second["topk_nmse"] is None
-    assert "| `h` | 4 | 64 | 4,096 |" in bench.markdown_table([first], bench._CELL_COLUMNS)
+    assert "| `h` | 4 | 64 | 4,096 |" in quality_report.quality_table(
+        [first], quality_report.CELL_COLUMNS
+    )
 
 
 @pytest.mark.parametrize(("builtin_l0", "reachable"), [(6.0, True), (60.0, False)])
@@ -449,15 +482,13 @@ def test_ours_is_calibrated_to_the_builtin_l0_or_says_why_not(
 ) -> None:
     cache = random_cache(train_batches=1)
     config = tiny_defaults_config(tmp_path, train_tokens=4096)
-    runner = bench._runner_config(bench.ARCHITECTURE, 4, 64, config, cache.d_in, None, False)
-    ((trained, _),) = bench._train(runner, 4, config, cache, None)
+    runner = quality_config.runner_config_for(ARCHITECTURE, 4, 64, config, cache.d_in, None, False)
+    ((trained, _),) = quality._train(runner, 4, config, cache, None)
     calibration = cache.batches("calibration", config.training_batch_size)
-    forms = list(
-        bench._inference_saes(bench.ARCHITECTURE, trained, calibration, config, builtin_l0)
-    )
+    forms = list(quality._inference_saes(ARCHITECTURE, trained, calibration, config, builtin_l0))
 
     methods = [method for method, _, _ in forms]
-    assert methods == (["l0", bench.EQUAL_L0_METHOD] if reachable else ["l0"])
+    assert methods == (["l0", quality_report.EQUAL_L0_METHOD] if reachable else ["l0"])
     assert forms[0][2]["calibration_target_l0"] == 4
     if reachable:
         assert forms[1][2]["calibration_target_l0"] == builtin_l0
@@ -471,9 +502,11 @@ def test_several_hooks_are_checked_first_and_combined(
     tmp_path: Path, tiny_model: HookedTransformer, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     hooks = ["blocks.0.hook_resid_post", "blocks.1.hook_resid_post"]
-    configs = bench.per_hook_configs(tiny_defaults_config(tmp_path, snapshot_tokens=(4096,)), hooks)
+    configs = quality.per_hook_configs(
+        tiny_defaults_config(tmp_path, snapshot_tokens=(4096,)), hooks
+    )
 
-    def fake_run(config: bench.BenchConfig, **kwargs: object) -> dict[str, object]:
+    def fake_run(config: BenchConfig, **kwargs: object) -> dict[str, object]:
         """One hook's results, as run_benchmark returns them (numbers made up)."""
         rows = [
             {"label": label, "architecture": label.split("[")[0], "hook": config.hook_name,
@@ -485,31 +518,31 @@ def test_several_hooks_are_checked_first_and_combined(
                                     ("calibrated_batchtopk[l0@batchtopk]", 9.0, 0.1))
         ]  # fmt: skip
         return {
-            "settings": bench._settings_dict(config),
+            "settings": quality_config.recorded_settings(config),
             "cache": {"path": config.hook_name, "reused": False},
             "rows": rows,
-            "cells": bench.comparison_cells(rows),
+            "cells": quality_report.comparison_cells(rows),
         }
 
-    monkeypatch.setattr(bench, "run_benchmark", fake_run)
+    monkeypatch.setattr(quality, "run_benchmark", fake_run)
     with pytest.raises(ValueError, match="--hook"):  # before the first hook's work
-        bench.run_benchmarks(
+        quality.run_benchmarks(
             [*configs, dataclasses.replace(configs[0], hook_name="blocks.9.nope")],
             tmp_path / "out",
             model=tiny_model,
         )
-    results = bench.run_benchmarks(configs, tmp_path / "out", model=tiny_model, command="cmd")
+    results = quality.run_benchmarks(configs, tmp_path / "out", model=tiny_model, command="cmd")
 
     assert [row["hook"] for row in results["rows"]] == [hooks[0]] * 4 + [hooks[1]] * 4
     assert [(cell["hook"], cell["verdict"]) for cell in results["cells"]] == [
         (hook, "yes") for hook in hooks for _ in range(2)
     ]
     assert results["settings"]["hook_name"] == hooks
-    section = (tmp_path / "out" / bench.SECTION_FILE).read_text()
+    section = (tmp_path / "out" / FILES.section).read_text()
     assert f"hooks `{hooks[0]}`, `{hooks[1]}`" in section and "are snapshots" in section
     assert "at equal L0: none." in section
     assert f"| `{hooks[1]}` | 4 | 64 | 4,096 (snapshot) |" in section
-    for name in (bench.JSON_FILE, bench.MARKDOWN_FILE, bench.PLOT_FILE):
+    for name in FILES:
         assert (tmp_path / "out" / name).stat().st_size > 0
 
 
@@ -518,13 +551,13 @@ def test_defaults_preset_end_to_end(
     tmp_path: Path, smollm2: HookedTransformer, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     statistics_passed: list[object] = []
-    new_sae_and_trainer = bench.new_sae_and_trainer
+    new_sae_and_trainer = harness.new_sae_and_trainer
 
     def spy(runner: object, batches: object, statistics: object) -> object:
         statistics_passed.append(statistics)
         return new_sae_and_trainer(runner, batches, statistics)  # type: ignore[arg-type]
 
-    monkeypatch.setattr(bench, "new_sae_and_trainer", spy)
+    monkeypatch.setattr(quality, "new_sae_and_trainer", spy)
     # topk's deployed form is the bench preset's, tested above; leaving it out saves time.
     config = tiny_defaults_config(
         tmp_path,
@@ -533,7 +566,7 @@ def test_defaults_preset_end_to_end(
         snapshot_tokens=(4096,),
         architectures=("batchtopk", "calibrated_batchtopk"),
     )
-    results = bench.run_benchmark(config, model=smollm2, show_progress=False)
+    results = quality.run_benchmark(config, model=smollm2, show_progress=False)
 
     assert statistics_passed == [None] * 2  # no b_dec override, no fixed scaling, any run
     rows = results["rows"]
@@ -544,7 +577,7 @@ def test_defaults_preset_end_to_end(
         assert budget["batchtopk[l0]"]["l0_mean"] == pytest.approx(4, rel=0.2)
         # Ours at k, and at the built-in's L0 unless it cannot fire that often (tiny d_sae).
         ours = budget["calibrated_batchtopk[l0]"]
-        equal = budget.get(f"calibrated_batchtopk[{bench.EQUAL_L0_METHOD}]")
+        equal = budget.get(f"calibrated_batchtopk[{quality_report.EQUAL_L0_METHOD}]")
         builtin_l0 = budget["batchtopk[ema]"]["l0_mean"]
         if equal is None:
             assert f"for target {builtin_l0}" in ours["equal_l0_error"]
@@ -555,17 +588,17 @@ def test_defaults_preset_end_to_end(
         (8192, False),
     ]
 
-    run = json.loads((config.output / bench.RUNS_DIR / "batchtopk-k4-d64.json").read_text())
+    run = json.loads((config.output / quality.RUNS_DIR / "batchtopk-k4-d64.json").read_text())
     trainer, sae = run["resolved_settings"]["trainer"], run["resolved_settings"]["sae"]
-    defaults = bench.runner_defaults()
+    defaults = quality_config.runner_defaults()
     assert trainer["lr"] == defaults["lr"] and trainer["lr_scheduler_name"] == "constant"
     assert trainer["train_batch_size_samples"] == defaults["train_batch_size_tokens"]
     assert sae["architecture"] == "batchtopk" and sae["normalize_activations"] == "none"
-    assert json.loads((config.output / bench.JSON_FILE).read_text())["rows"] == rows
-    assert "4,096 tokens are snapshots" in (config.output / bench.SECTION_FILE).read_text()
+    assert json.loads((config.output / FILES.json).read_text())["rows"] == rows
+    assert "4,096 tokens are snapshots" in (config.output / FILES.section).read_text()
 
     def no_training(*args: object, **kwargs: object) -> None:
         raise AssertionError("a finished run was retrained")
 
-    monkeypatch.setattr(bench, "_train", no_training)
-    assert bench.run_benchmark(config, model=smollm2, show_progress=False)["rows"] == rows
+    monkeypatch.setattr(quality, "_train", no_training)
+    assert quality.run_benchmark(config, model=smollm2, show_progress=False)["rows"] == rows

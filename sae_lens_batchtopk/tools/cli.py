@@ -5,7 +5,7 @@ SAELens's runner (with threshold calibration and recorded training curves), eval
 full model and writes the SAE, ``metrics.json``, ``report.md`` and plots into one folder,
 atomically. ``eval`` and ``calibrate`` redo those steps for a saved SAE; ``sae-lens`` forwards
 to SAELens's own CLI with the plugin's architectures registered; ``bench`` runs the benchmark
-(:mod:`sae_lens_batchtopk.bench`).
+(:mod:`sae_lens_batchtopk.tools.benchmarks.quality`).
 
 Config files are flat YAML: every option of :func:`sae_lens_batchtopk.make_runner_config`, plus
 the keys in :data:`PLUGIN_KEYS`. Two names select the offline assets instead of the Hub:
@@ -891,11 +891,12 @@ def main(argv: Sequence[str] | None = None, resources: Resources | None = None) 
         _run_cli(args_list[1:])
         return 0
     if args_list[:1] == ["bench"]:
-        from sae_lens_batchtopk.bench import main as bench_main  # heavy: only when asked for
+        # The benchmarks load heavy modules: imported only when asked for.
+        from sae_lens_batchtopk.tools.benchmarks.quality import main as bench_main
 
         return bench_main(args_list[1:])
     if args_list[:1] == ["bench-speed"]:
-        from sae_lens_batchtopk.speed_bench import main as speed_main  # heavy: only when asked
+        from sae_lens_batchtopk.tools.benchmarks.speed import main as speed_main
 
         return speed_main(args_list[1:])
     args = build_parser().parse_args(args_list)

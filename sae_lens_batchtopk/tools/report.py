@@ -51,7 +51,8 @@ _CURVE_PANELS = {
 }
 
 
-def _save_figure(path: Path, figure: Figure) -> None:
+def save_figure(path: Path, figure: Figure) -> None:
+    """A figure as PNG, atomically, then closed (pyplot keeps every open figure in memory)."""
     write_atomically(path, lambda tmp: figure.savefig(tmp, format="png", dpi=110))
     plt.close(figure)
 
@@ -151,11 +152,11 @@ def write_report(
         ce_eval_batches=ce_eval_batches,
         exclude_special_tokens=exclude_special_tokens,
     )
-    _save_figure(output_dir / L0_PLOT, l0_histogram(per_token, metrics["k"]))
-    _save_figure(output_dir / DENSITY_PLOT, density_histogram(density))
+    save_figure(output_dir / L0_PLOT, l0_histogram(per_token, metrics["k"]))
+    save_figure(output_dir / DENSITY_PLOT, density_histogram(density))
     plots = [L0_PLOT, DENSITY_PLOT]
     if training_curves:
-        _save_figure(output_dir / CURVES_PLOT, training_curve_figure(training_curves))
+        save_figure(output_dir / CURVES_PLOT, training_curve_figure(training_curves))
         plots.append(CURVES_PLOT)
     write_json(output_dir / METRICS_FILE, metrics)
     markdown = report_markdown(metrics, sae, plots)

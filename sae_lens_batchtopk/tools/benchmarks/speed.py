@@ -1,0 +1,375 @@
+"""``sae-batchtopk bench-speed``: training-step throughput, sparse fast path against dense paths.
+
+Trains, from the same initial weights on the same cached SmolLM2 activations, SAELens's built-in
+``batchtopk`` (dense), our ``calibrated_batchtopk`` with ``fast_path=False`` (the dense
+reference) and with the fast sparse path, each through SAELens's ``SAETrainer.step`` (so
+optimizer, gradient clipping and dead-latent bookkeeping are timed too). Reported per run:
+tokens/s over the timed steps (after warm-up), the median step time, the speed-up over the
+built-in, peak memory (measured in a fresh process by
+:func:`~sae_lens_batchtopk.tools.benchmarks.harness.probe_peak_memory`), and the fraction of the
+machine's peak matmul throughput the step reaches counting only the work it must do (the dense
+encoder forward plus the sparse decode/backward). The fast and dense runs of our architecture
+are compared step by step: their MSE curves must agree to float rounding, against a
+step-to-step change that is orders of magnitude larger. Dead latents are declared after
+``--dead-window-steps`` so that every run's AuxK path is exercised and timed. The selection
+alone is timed too: the fast exact batch top-k against ``torch.topk`` over all
+``tokens x d_sae`` entries, on the same pre-activations.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import itertools
+import statistics
+import sys
+import time
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, TypeVar
+
+import torch
+from simple_parsing import ArgumentParser, field
+from transformer_lens import HookedTransformer
+
+from sae_lens_batchtopk.runner import make_runner_config
+from sae_lens_batchtopk.saes.calibrated_batchtopk_sae import (
+    ARCHITECTURE,
+    CalibratedBatchTopKTrainingSAE,
+    CalibratedBatchTopKTrainingSAEConfig,
+)
+from sae_lens_batchtopk.selection import batch_topk_indices, n_selected
+from sae_lens_batchtopk.tools.benchmarks.activation_cache import CacheSpec
+from sae_lens_batchtopk.tools.benchmarks.command_line import (
+    Device,
+    check_device,
+    check_k,
+    command_parser,
+    one_or_more,
+    parse_command_line,
+    require_positive,
+    run_command,
+)
+from sae_lens_batchtopk.tools.benchmarks.harness import (
+    MEMORY_PROBE_STEPS,
+    MODEL_NAME,
+    load_model_and_cache,
+    machine_info,
+    new_sae_and_trainer,
+    probe_peak_memory,
+    synchronize,
+    train_statistics,
+    utc_now,
+)
+from sae_lens_batchtopk.tools.benchmarks.speed_report import (
+    FILES,
+    speed_table,
+    write_speed_outputs,
+)
+
+# Run name -> (architecture, extra SAE options).
+RUNS: dict[str, tuple[str, dict[str, Any]]] = {
+    "batchtopk": ("batchtopk", {}),
+    f"{ARCHITECTURE}/dense": (ARCHITECTURE, {"fast_path": False}),
+    ARCHITECTURE: (ARCHITECTURE, {"fast_path": True}),
+}
+BASELINE = "batchtopk"
+FAST, DENSE = ARCHITECTURE, f"{ARCHITECTURE}/dense"
+
+Result = TypeVar("Result")
+
+
+@dataclass(frozen=True)
+class SpeedConfig:
+    """Settings of a speed benchmark; defaults are the issue's shape (d_in is the model's).
+
+    Each field is a command-line option (d_sae is --d-sae), its docstring the help.
+    """
+
+    d_sae: int = 16384
+    """Dictionary size."""
+    k: float = 32.0
+    """Target L0 (batch top-k keeps k x batch entries per step)."""
+    batch_size: int = 4096
+    """Tokens per training step."""
+    steps: int = 20
+    """Timed training steps per run."""
+    warmup_steps: int = 2
+    """Untimed steps before them (allocations, kernel selection)."""
+    dead_window_steps: int = 2
+    """Latents idle this many steps count as dead for AuxK (built-in: dead_feature_window;
+    ours: that many steps' tokens), so every run's AuxK path is timed."""
+    lr: float = 4e-4
+    """Adam learning rate."""
+    hook_name: str = field(default="blocks.3.hook_resid_post", alias="--hook")
+    """The hook whose cached activations every run trains on."""
+    device: Device = "cpu"
+    """Where the runs train."""
+    runs: tuple[str, ...] = one_or_more(*RUNS, metavar="RUN")
+    """Runs to time: batchtopk (the baseline), calibrated_batchtopk/dense,
+    calibrated_batchtopk."""
+    seed: int = 42
+    """Seed of the batches and of every run's initial weights."""
+    cache_dir: Path | None = None
+    """Where cached activations live (default: $SAE_BATCHTOPK_CACHE/activations or
+    ~/.cache/sae_lens_batchtopk/activations)."""
+    output: Path = Path("speed_output")
+    """Folder for speed.json, speed.md, speed_loss_curves.png and
+    BENCHMARKS_speed_section.md."""
+    model_name: str = field(default=MODEL_NAME, cmd=False)
+    """The model's label in the cache key."""
+
+    def validate(self) -> None:
+        """Reject bad settings before any work, naming the command-line option at fault."""
+        unknown = sorted(set(self.runs) - set(RUNS))
+        if unknown or not self.runs:
+            raise ValueError(f"--runs: unknown {unknown}; choose from {list(RUNS)}")
+        require_positive(self, ("d_sae", "batch_size", "steps", "dead_window_steps"))
+        if self.warmup_steps < 0:
+            raise ValueError(f"--warmup-steps must be >= 0, got {self.warmup_steps}")
+        check_k(self.k, self.d_sae)
+        require_positive(self, ("lr",))
+        check_device(self.device)
+
+    @property
+    def total_steps(self) -> int:
+        return self.warmup_steps + self.steps
+
+    def cache_spec(self) -> CacheSpec:
+        """Just enough tokens for every step; the other splits are token-sized placeholders."""
+        return CacheSpec(
+            model_name=self.model_name,
+            hook_name=self.hook_name,
+            train_tokens=self.total_steps * self.batch_size,
+            calibration_tokens=1,
+            heldout_tokens=1,
+            eval_sequences=1,
+            context_size=128,
+            seed=self.seed,
+        )
+
+
+QUICK_SETTINGS: dict[str, Any] = {
+    "d_sae": 512,
+    "k": 8.0,
+    "batch_size": 256,
+    "steps": 4,
+    "warmup_steps": 1,
+}
+
+
+def build_parser() -> ArgumentParser:
+    """``sae-batchtopk bench-speed``'s options: :class:`SpeedConfig`'s fields."""
+    return command_parser(
+        "sae-batchtopk bench-speed",
+        "Training-step throughput of calibrated_batchtopk (sparse fast path and dense"
+        " reference) against SAELens's built-in batchtopk, on the same cached activations.",
+        SpeedConfig,
+    )
+
+
+def parse_command(argv: Sequence[str]) -> SpeedConfig:
+    """The validated settings ``argv`` asks for."""
+    config: SpeedConfig = parse_command_line(build_parser, argv, lambda _: QUICK_SETTINGS).config
+    config.validate()
+    return config
+
+
+def run_speed_benchmark(
+    config: SpeedConfig,
+    *,
+    model: HookedTransformer | None = None,
+    command: str | None = None,
+    show_progress: bool = True,
+) -> dict[str, Any]:
+    """Time every requested run on the same batches, write the outputs, return the results."""
+    config.validate()
+    _, cache = load_model_and_cache(
+        config.cache_spec(), config.device, config.cache_dir, model, show_progress
+    )
+    train_stats = train_statistics(cache)
+    batches = list(
+        itertools.islice(
+            cache.train_batches(config.batch_size, seed=config.seed), config.total_steps
+        )
+    )
+    runs = {name: time_training_steps(name, config, batches, train_stats) for name in config.runs}
+    results = {
+        "settings": {
+            **dataclasses.asdict(config),
+            "cache_dir": str(config.cache_dir) if config.cache_dir else None,
+            "output": str(config.output),
+            "d_in": cache.d_in,
+        },
+        "machine": machine_info(),
+        "date": utc_now(),
+        "command": command,
+        "peak_matmul_flops": peak_matmul_flops(config.device),
+        "selection": time_selection(config, batches[0] * train_stats[0]),
+        "runs": runs,
+        "curve_match": curve_match(runs),
+    }
+    speedups = speed_ups(runs)
+    for name, run in runs.items():
+        run["fraction_of_peak"] = run["required_flops_per_s"] / results["peak_matmul_flops"]
+        if name in speedups:
+            run["speedup"] = speedups[name]
+    write_speed_outputs(results, Path(config.output))
+    return results
+
+
+def time_training_steps(
+    name: str,
+    config: SpeedConfig,
+    batches: Sequence[torch.Tensor],
+    train_stats: tuple[float, torch.Tensor],
+) -> dict[str, Any]:
+    """Train one run for ``config.total_steps`` steps; time each; record its MSE curve."""
+    architecture, extra = RUNS[name]
+    runner_config = make_runner_config(
+        architecture,
+        d_in=batches[0].shape[-1],
+        d_sae=config.d_sae,
+        k=config.k,
+        normalize_activations="expected_average_only_in",
+        **extra,
+        **(
+            {"dead_tokens_window": config.dead_window_steps * config.batch_size}
+            if architecture == ARCHITECTURE
+            else {}
+        ),
+        training_tokens=config.total_steps * config.batch_size,
+        train_batch_size_tokens=config.batch_size,
+        lr=config.lr,
+        dead_feature_window=config.dead_window_steps,
+        device=config.device,
+        seed=config.seed,
+        log_to_wandb=False,
+        verbose=False,
+    )
+    sae, trainer = new_sae_and_trainer(runner_config, iter(batches), train_stats)
+    seconds, mse, selected = [], [], []
+    for batch in batches:
+        output, elapsed = _timed(config.device, lambda batch=batch: trainer.step(batch))
+        trainer.n_training_steps += 1
+        seconds.append(elapsed)
+        mse.append(float(output.losses["mse_loss"].detach()))
+        selected.append(float(output.feature_acts.bool().float().sum().to_dense()))
+    timed = seconds[config.warmup_steps :]
+    d_in = batches[0].shape[-1]
+    # Work the step cannot avoid: the dense encoder forward, and per selected entry a
+    # decode, its two gradients and the encoder's two gradients (d_in multiply-adds each).
+    required = 2 * config.batch_size * d_in * config.d_sae + 10 * statistics.mean(selected) * d_in
+    speed = throughput(timed, config.batch_size)
+    return {
+        "architecture": architecture,
+        "fast_path": bool(getattr(sae.cfg, "fast_path", False)),
+        **speed,
+        "peak_memory_mb": probe_peak_memory(
+            runner_config, batches[:MEMORY_PROBE_STEPS], train_stats
+        ),
+        "required_flops_per_s": required / speed["median_step_s"],
+        "mse_loss": mse,
+        "dead_fraction_end": float(trainer.dead_neurons.float().mean()),
+    }
+
+
+def throughput(step_seconds: Sequence[float], batch_size: int) -> dict[str, float]:
+    """Tokens per second over the timed steps, and their median step time.
+
+    Tokens/s divides all timed tokens by all timed seconds, so a slow step counts in full;
+    the median step shows the typical step, unmoved by one disturbed step.
+    """
+    return {
+        "tokens_per_s": len(step_seconds) * batch_size / sum(step_seconds),
+        "median_step_s": statistics.median(step_seconds),
+    }
+
+
+def speed_ups(runs: Mapping[str, Mapping[str, Any]]) -> dict[str, float]:
+    """Each run's tokens/s over the baseline's (SAELens's built-in batchtopk); none without it."""
+    if BASELINE not in runs:
+        return {}
+    baseline = runs[BASELINE]["tokens_per_s"]
+    return {name: run["tokens_per_s"] / baseline for name, run in runs.items()}
+
+
+def time_selection(config: SpeedConfig, sae_in: torch.Tensor, repeats: int = 5) -> dict[str, Any]:
+    """Median seconds of the fast exact batch top-k and of ``torch.topk`` over all entries.
+
+    Both select the same entries (checked) from the pre-activations of one scaled training
+    batch under a freshly initialised ``calibrated_batchtopk`` SAE.
+    """
+    sae = CalibratedBatchTopKTrainingSAE(
+        CalibratedBatchTopKTrainingSAEConfig(
+            d_in=sae_in.shape[-1], d_sae=config.d_sae, k=config.k, device=config.device
+        )
+    )
+    with torch.no_grad():
+        hidden_pre = sae.process_sae_in(sae_in.to(config.device)) @ sae.W_enc + sae.b_enc
+        hidden_pre *= sae.W_dec.norm(dim=-1)
+    n_keep = n_selected(config.k, hidden_pre.shape[0])
+    seconds: dict[str, list[float]] = {"fast_exact": [], "torch_topk": []}
+    for _ in range(repeats):
+        for name, select in (
+            ("fast_exact", lambda: batch_topk_indices(hidden_pre, config.k)),
+            ("torch_topk", lambda: hidden_pre.flatten().topk(n_keep, sorted=False).indices),
+        ):
+            seconds[name].append(_timed(config.device, select)[1])
+    fast = batch_topk_indices(hidden_pre, config.k)
+    reference = batch_topk_indices(hidden_pre, config.k, fast=False)
+    return {
+        **{f"{name}_s": statistics.median(times) for name, times in seconds.items()},
+        "same_selection": bool(torch.equal(fast, reference)),
+    }
+
+
+def curve_match(runs: Mapping[str, Mapping[str, Any]]) -> dict[str, float] | None:
+    """How far the fast path's MSE curve is from the dense path's, against the curve's noise.
+
+    ``max_relative_difference``: largest ``|fast - dense| / dense`` over steps.
+    ``step_to_step_change``: median ``|mse[t+1] - mse[t]| / mse[t]`` of the dense curve, the
+    scale a real difference in training would have to exceed.
+    """
+    if FAST not in runs or DENSE not in runs:
+        return None
+    fast, dense = runs[FAST]["mse_loss"], runs[DENSE]["mse_loss"]
+    changes = [abs(b - a) / a for a, b in itertools.pairwise(dense)]
+    return {
+        "max_relative_difference": max(
+            abs(f - d) / abs(d) for f, d in zip(fast, dense, strict=True)
+        ),
+        "step_to_step_change": statistics.median(changes) if changes else float("nan"),
+    }
+
+
+def peak_matmul_flops(device: str, size: int = 2048, repeats: int = 5) -> float:
+    """Best-of-``repeats`` float32 FLOP/s of a square matmul: the machine's practical peak."""
+    a = torch.randn(size, size, device=device)
+    b = torch.randn(size, size, device=device)
+    a @ b  # warm-up (allocations, kernel selection)
+    best = min(_timed(device, lambda: a @ b)[1] for _ in range(repeats))
+    return 2 * size**3 / best
+
+
+def _timed(device: str, call: Callable[[], Result]) -> tuple[Result, float]:
+    """``call()`` and its wall-clock seconds, queued device work included."""
+    synchronize(device)
+    start = time.perf_counter()
+    result = call()
+    synchronize(device)
+    return result, time.perf_counter() - start
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Entry point of ``sae-batchtopk bench-speed`` (and of ``python -m`` on this module)."""
+    return run_command("bench-speed", argv, parse_command, _run)
+
+
+def _run(config: SpeedConfig, command: str) -> str:
+    results = run_speed_benchmark(config, command=command)
+    return f"{speed_table(results)}\n\nwrote {', '.join(FILES)} to {config.output}"
+
+
+if __name__ == "__main__":
+    sys.exit(main())
