@@ -25,6 +25,7 @@ from __future__ import annotations
 import json
 import math
 import os
+import time
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass
 from datetime import timedelta
@@ -95,6 +96,19 @@ def init_process_group(
     dist.init_process_group(backend, **options)
 
 
+# Wall time this process has spent inside collectives (every DistributedBatch's).
+_COMMUNICATION_CLOCK = [0.0]
+
+
+def communication_seconds() -> float:
+    """Seconds this process has spent inside collectives so far.
+
+    gloo's collectives block, so on CPUs this is the communication share of the training
+    time; NCCL's return once launched, so on GPUs it only counts their launch.
+    """
+    return _COMMUNICATION_CLOCK[0]
+
+
 def is_distributed() -> bool:
     """Whether this process belongs to an initialized process group of more than one process."""
     return dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
@@ -145,7 +159,8 @@ class DistributedBatch:
     # -- collectives -------------------------------------------------------------------------
 
     def _run(self, operation: str, call: Callable[[], T]) -> T:
-        """Run one collective; a failure names it and says what usually causes it."""
+        """Run one collective, timed; a failure names it and says what usually causes it."""
+        start = time.perf_counter()
         try:
             return call()
         except RuntimeError as error:  # gloo and NCCL failures and timeouts
@@ -155,6 +170,8 @@ class DistributedBatch:
                 " settings; see its own error. Collectives wait at most the process group's"
                 " timeout (init_process_group(timeout_s=...))"
             ) from error
+        finally:
+            _COMMUNICATION_CLOCK[0] += time.perf_counter() - start
 
     def _reduce(self, tensor: torch.Tensor, op: dist.ReduceOp.RedOpType, name: str) -> torch.Tensor:
         """A reduced copy of ``tensor`` on its own device (moved through the comm device)."""

@@ -27,7 +27,12 @@ from transformer_lens.HookedTransformer import HookedRootModule
 from typing_extensions import override
 
 from sae_lens_batchtopk.atomic import write_folder_atomically, write_json, write_safetensors
-from sae_lens_batchtopk.distributed import DEFAULT_TIMEOUT_S, DistributedBatch, init_process_group
+from sae_lens_batchtopk.distributed import (
+    DEFAULT_TIMEOUT_S,
+    DistributedBatch,
+    communication_seconds,
+    init_process_group,
+)
 from sae_lens_batchtopk.runner import CalibratingSAETrainingRunner
 from sae_lens_batchtopk.saes.calibrated_batchtopk_sae import CalibratedBatchTopKTrainingSAEConfig
 from sae_lens_batchtopk.trainer import DistributedSAETrainer, check_batch_divides
@@ -172,6 +177,20 @@ class DistributedSAETrainingRunner(CalibratingSAETrainingRunner):
         )
 
     @override
+    @override
+    def run_trainer_with_interruption_handling(self, trainer: SAETrainer[Any, Any]) -> Any:
+        self._communication_start = communication_seconds()
+        return super().run_trainer_with_interruption_handling(trainer)
+
+    @override
+    def measured_throughput(self, seconds: float, tokens: int) -> dict[str, float]:
+        """Also the process count and the time this process spent inside collectives."""
+        return {
+            **super().measured_throughput(seconds, tokens),
+            "processes": self.distributed.world_size,
+            "communication_seconds": communication_seconds() - self._communication_start,
+        }
+
     def write_final_sae(
         self,
         sae: TrainingSAE[Any],

@@ -9,6 +9,7 @@ each keyword to the object that owns it and refuses anything nobody owns.
 from __future__ import annotations
 
 import logging
+import time
 import warnings
 from collections.abc import Iterable
 from dataclasses import fields
@@ -233,6 +234,7 @@ class CalibratingSAETrainingRunner(LanguageModelSAETrainingRunner):
     calibration: CalibrationResult | None = None
     calibration_report: dict[str, dict[str, float]] | None = None
     training_curves: list[dict[str, float]]
+    training_throughput: dict[str, float] | None = None
 
     def __init__(
         self,
@@ -269,13 +271,24 @@ class CalibratingSAETrainingRunner(LanguageModelSAETrainingRunner):
         if self.cfg.resume_from_checkpoint is not None:
             _continue_counters(trainer)
         recording = self.recording_trainer(trainer)
+        start, tokens_before = time.perf_counter(), recording.n_training_samples
         try:
             return super().run_trainer_with_interruption_handling(recording)
         finally:
+            self.training_throughput = self.measured_throughput(
+                time.perf_counter() - start, recording.n_training_samples - tokens_before
+            )
             self.training_curves = recording.records
             trainer.__dict__.update(
                 {name: value for name, value in vars(recording).items() if name in vars(trainer)}
             )
+
+    def measured_throughput(self, seconds: float, tokens: int) -> dict[str, float]:
+        """Training wall time (the language model's forward passes included) and tokens/s.
+
+        Saved in the SAE's metadata (``training_throughput``) and the report.
+        """
+        return {"seconds": seconds, "tokens": tokens, "tokens_per_s": tokens / max(seconds, 1e-9)}
 
     def recording_trainer(self, trainer: SAETrainer[Any, Any]) -> RecordingSAETrainer:
         """The trainer that trains: SAELens's, carried into one that records its curves."""
@@ -288,6 +301,7 @@ class CalibratingSAETrainingRunner(LanguageModelSAETrainingRunner):
         output_path: str,
         log_feature_sparsity: torch.Tensor | None = None,
     ) -> None:
+        sae.cfg.metadata.training_throughput = self.training_throughput
         if isinstance(sae, CalibratedBatchTopKTrainingSAE) and sae.cfg.calibration_method != "none":
             try:
                 self._calibrate(sae)

@@ -117,6 +117,7 @@ def test_train_eval_calibrate_on_tiny_model(
     assert not [p for p in tmp_path.iterdir() if p.name.startswith(".run.")]
     metrics = json.loads((out / "metrics.json").read_text())
     assert metrics["calibration"]["method"] == "l0"
+    assert metrics["training_throughput"]["tokens"] == 4096
     assert metrics["headline"]["inference_l0_heldout"] > 0
 
     assert main(["calibrate", str(out), "--method", "per_latent", "--tokens", "4096",

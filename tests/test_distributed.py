@@ -552,7 +552,12 @@ def test_cli_train_as_torchrun_workers_writes_one_folder_from_process_zero(
     loaded = SAE.load_from_disk(out)
     assert isinstance(loaded, CalibratedBatchTopKSAE)
     assert loaded.cfg.metadata.calibration["method"] == "l0"
-    assert json.loads((out / "metrics.json").read_text())["headline"]["inference_l0_heldout"] > 0
+    metrics = json.loads((out / "metrics.json").read_text())
+    assert metrics["headline"]["inference_l0_heldout"] > 0
+    throughput = metrics["training_throughput"]
+    assert throughput["processes"] == 2 and throughput["tokens"] == 4096
+    assert 0 < throughput["communication_seconds"] < throughput["seconds"]
+    assert "on 2 processes" in (out / "report.md").read_text()
     assert {"cfg.json", "runner_cfg.json", "training_curves.json", "report.md"} <= {
         path.name for path in out.iterdir()
     }

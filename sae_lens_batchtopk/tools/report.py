@@ -120,6 +120,7 @@ def evaluate(
         "sae_lens_run_evals": sae_lens_metrics,
         "heldout": {"threshold": threshold_stats, "batch_topk": batch_topk_stats},
         "calibration": sae.cfg.metadata.get("calibration"),
+        "training_throughput": sae.cfg.metadata.get("training_throughput"),
     }
     per_token = {
         "threshold": threshold_pass.l0_per_token,
@@ -236,6 +237,7 @@ def report_markdown(metrics: dict[str, Any], sae: SAE[Any], plots: Sequence[str]
         "",
         f"Architecture `{metrics['architecture']}`, d_sae {metrics['d_sae']}, k {metrics['k']:g}.",
         "",
+        *_throughput_lines(metrics.get("training_throughput")),
         "| metric | value |",
         "|---|---|",
         *(f"| {name} | {value:.4g} |" for name, value in headline.items()),
@@ -284,3 +286,17 @@ def format_calibration_report(
             f"{row['nmse']:.4f} |"
         )
     return "\n".join(lines)
+
+
+def _throughput_lines(throughput: dict[str, float] | None) -> list[str]:
+    """How long training took (model forward passes included), on how many processes."""
+    if not throughput:
+        return []
+    line = (
+        f"Training: {throughput['tokens']:,.0f} tokens in {throughput['seconds']:.1f} s"
+        f" ({throughput['tokens_per_s']:,.0f} tokens/s"
+    )
+    if "processes" in throughput:
+        share = throughput["communication_seconds"] / max(throughput["seconds"], 1e-9)
+        line += f" on {throughput['processes']:.0f} processes, {share:.1%} of it in collectives"
+    return [line + ").", ""]
