@@ -630,14 +630,22 @@ FOREIGN_SOURCES: tuple[str, ...] = ("dictionary_learning", "sparsify")
 @dataclass
 class CalibrationJob:
     """What ``calibrate`` works on: an SAE, the run config that says where its activations
-    come from, the tokens to calibrate on, and where the result goes."""
+    come from, and where the result goes. It holds no model or data, so every check on the
+    command line runs before those are loaded."""
 
     sae: CalibratedBatchTopKSAE
     runner_cfg: LanguageModelSAERunnerConfig[Any]
-    resources: Resources
-    calibration_data: datasets.Dataset | None
     destination: Path
     owned: frozenset[str]
+    skip_training_tokens: bool
+
+    def calibration_data(self, train_data: datasets.Dataset | None) -> datasets.Dataset | None:
+        """The training split, after the sequences the SAE's own training consumed when it
+        was trained here (calibrating on seen tokens would flatter the achieved L0)."""
+        if train_data is None or not self.skip_training_tokens:
+            return train_data
+        consumed = -(-self.runner_cfg.training_tokens // self.runner_cfg.context_size)
+        return train_data.select(range(consumed % len(train_data), len(train_data)))
 
 
 def calibrate_saved(
@@ -667,7 +675,7 @@ def calibrate_saved(
                 "--config and --output are for foreign checkpoints (--from"
                 f" {'/'.join(FOREIGN_SOURCES)}); a run folder is recalibrated in place"
             )
-        job = _saved_run_job(sae_dir, resources)
+        job = _saved_run_job(sae_dir)
     else:
         job = _foreign_job(sae_dir, source, resources, config, output, overwrite)
     sae, runner_cfg = job.sae, job.runner_cfg
@@ -679,13 +687,16 @@ def calibrate_saved(
         check_token_budget(method, n_tokens, target, sae.cfg.d_sae, field="--tokens")
     except (TypeError, ValueError) as error:
         raise ConfigError(str(error)) from None
-    check_model_fit(runner_cfg, job.resources.model)
+    resources = resources or load_resources(runner_cfg)
+    check_model_fit(runner_cfg, resources.model)
     sae.to(runner_cfg.device)
     calibration_store = ActivationsStore.from_config(
-        job.resources.model, runner_cfg, override_dataset=job.calibration_data
+        resources.model,
+        runner_cfg,
+        override_dataset=job.calibration_data(resources.train_dataset),
     )
     eval_store = ActivationsStore.from_config(
-        job.resources.model, runner_cfg, override_dataset=job.resources.eval_dataset
+        resources.model, runner_cfg, override_dataset=resources.eval_dataset
     )
     result, heldout_report = calibrate_with_report(
         sae,
@@ -705,7 +716,7 @@ def calibrate_saved(
             staging,
             sae,
             runner_cfg,
-            job.resources,
+            resources,
             eval_tokens=eval_tokens,
             ce_eval_batches=DEFAULT_CE_EVAL_BATCHES,
             training_curves=saved_training_curves(job.destination),
@@ -713,7 +724,7 @@ def calibrate_saved(
     return format_calibration_report(result, heldout_report)
 
 
-def _saved_run_job(sae_dir: Path, resources: Resources | None) -> CalibrationJob:
+def _saved_run_job(sae_dir: Path) -> CalibrationJob:
     """A run folder: its own runner config, tokens after those its training consumed."""
     sae, runner_cfg = load_saved_run(sae_dir)
     if not isinstance(sae, CalibratedBatchTopKSAE):
@@ -721,12 +732,7 @@ def _saved_run_job(sae_dir: Path, resources: Resources | None) -> CalibrationJob
             f"{str(sae_dir)!r} holds a {sae.cfg.architecture()} SAE; calibrate needs a"
             " calibrated_batchtopk or batchtopk run (or --from for a foreign checkpoint)"
         )
-    resources = resources or load_resources(runner_cfg)
-    train_data = resources.train_dataset
-    if train_data is not None:
-        consumed = -(-runner_cfg.training_tokens // runner_cfg.context_size)
-        train_data = train_data.select(range(consumed % len(train_data), len(train_data)))
-    return CalibrationJob(sae, runner_cfg, resources, train_data, sae_dir, SAE_FILES | REPORT_FILES)
+    return CalibrationJob(sae, runner_cfg, sae_dir, SAE_FILES | REPORT_FILES, True)
 
 
 def _foreign_job(
@@ -766,9 +772,8 @@ def _foreign_job(
         "model_from_pretrained_kwargs",
     ):
         setattr(sae.cfg.metadata, name, getattr(runner_cfg, name))
-    resources = resources or load_resources(runner_cfg)
     owned = SAE_FILES | REPORT_FILES | {RUNNER_CFG_FILENAME}
-    return CalibrationJob(sae, runner_cfg, resources, resources.train_dataset, destination, owned)
+    return CalibrationJob(sae, runner_cfg, destination, owned, False)
 
 
 def positive_int(text: str) -> int:
