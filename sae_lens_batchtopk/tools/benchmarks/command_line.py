@@ -12,6 +12,7 @@ work starts.
 
 from __future__ import annotations
 
+import itertools
 import shlex
 import sys
 from argparse import Namespace
@@ -118,6 +119,23 @@ def check_k(k: float, d_sae: int) -> None:
     """Batch top-k keeps k of d_sae latents per token on average: 0 < k <= d_sae."""
     if not 0 < k <= d_sae:
         raise ValueError(f"--k {k} must be in (0, --d-sae {d_sae}]")
+
+
+def nested_widths(widths: Sequence[int], d_sae: int) -> list[int]:
+    """A Matryoshka SAE's level widths: ``widths`` checked, ending at ``d_sae``.
+
+    ``d_sae`` is appended when the last width is below it, as SAELens does (here without its
+    warning: the option's help says so). Checked here, with the option named, rather than by
+    the SAE configs at training time, after the cache has been built.
+    """
+    option = "--matryoshka-widths"
+    if any(isinstance(width, bool) or not isinstance(width, int) for width in widths):
+        raise ValueError(f"{option} must be integers, got {list(widths)}")
+    if not widths or widths[0] <= 0 or any(b <= a for a, b in itertools.pairwise(widths)):
+        raise ValueError(f"{option} must be positive and strictly increasing, got {list(widths)}")
+    if widths[-1] > d_sae:
+        raise ValueError(f"{option} {list(widths)}: the widths are prefixes of --d-sae {d_sae}")
+    return list(widths) if widths[-1] == d_sae else [*widths, d_sae]
 
 
 def check_device(device: str) -> None:
