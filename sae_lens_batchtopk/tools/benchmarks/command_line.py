@@ -44,12 +44,18 @@ def one_or_more(*default: Any, **options: Any) -> Any:
 
 
 def command_parser(
-    prog: str, description: str, config_class: type, **extra_classes: type
+    prog: str,
+    description: str,
+    config_class: type,
+    *,
+    quick: bool = True,
+    **extra_classes: type,
 ) -> ArgumentParser:
     """A parser with one option per field of ``config_class`` (and of each extra class).
 
     ``extra_classes`` map a namespace attribute to a dataclass of options that are not
-    settings of one run (the quality benchmark's several ``--hook`` values).
+    settings of one run (the quality benchmark's several ``--hook`` values). ``quick=False``
+    leaves ``--quick`` out, for a command with no tiny settings (it would be a silent no-op).
     """
     parser = ArgumentParser(
         prog=prog,
@@ -57,12 +63,13 @@ def command_parser(
         add_option_string_dash_variants=DashVariant.DASH,
         add_config_path_arg=False,
     )
-    parser.add_argument(
-        "--quick",
-        action="store_true",
-        help="tiny settings for a smoke run of a few minutes; options given explicitly still"
-        " take precedence",
-    )
+    if quick:
+        parser.add_argument(
+            "--quick",
+            action="store_true",
+            help="tiny settings for a smoke run of a few minutes; options given explicitly"
+            " still take precedence",
+        )
     parser.add_arguments(config_class, dest=CONFIG)
     for dest, options_class in extra_classes.items():
         parser.add_arguments(options_class, dest=dest)

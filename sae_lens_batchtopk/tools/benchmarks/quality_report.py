@@ -19,6 +19,7 @@ from matplotlib.ticker import FuncFormatter, NullFormatter
 
 from sae_lens_batchtopk.saes.calibrated_batchtopk_sae import ARCHITECTURE
 from sae_lens_batchtopk.tools.benchmarks.harness import (
+    L0_PERCENTILES,
     Column,
     OutputFiles,
     markdown_table,
@@ -46,10 +47,6 @@ def _tokens_cell(row: Mapping[str, Any]) -> str:
     return f"{row['training_tokens']:,}" + (" (snapshot)" if row.get("snapshot") else "")
 
 
-def _l0_percentiles(row: Mapping[str, Any]) -> str:
-    return f"{row['l0_p5']:.0f}/{row['l0_p50']:.0f}/{row['l0_p95']:.0f}"
-
-
 def _level_nmse(row: Mapping[str, Any]) -> str:
     levels = row.get("level_nmse")
     return "-" if levels is None else "/".join(f"{nmse:.4f}" for nmse in levels)
@@ -63,7 +60,7 @@ TABLE_COLUMNS: tuple[Column, ...] = (
     ("k", "k", "{:g}"),
     ("d_sae", "d_sae", "{}"),
     ("L0 mean", "l0_mean", "{:.2f}"),
-    ("L0 p5/p50/p95", _l0_percentiles, ""),
+    L0_PERCENTILES,
     ("L0 vs k", "l0_deviation", "{:+.1%}"),
     ("NMSE", "nmse", "{:.4f}"),
     ("expl. var.", "explained_variance", "{:.4f}"),
@@ -81,7 +78,7 @@ PRESET_TABLE_COLUMNS: tuple[Column, ...] = (
     ("d_sae", "d_sae", "{}"),
     ("training tokens", _tokens_cell, ""),
     ("L0 mean", "l0_mean", "{:.2f}"),
-    ("L0 p5/p50/p95", _l0_percentiles, ""),
+    L0_PERCENTILES,
     ("L0 vs k", "l0_deviation", "{:+.1%}"),
     ("NMSE", "nmse", "{:.4f}"),
     ("CE score", "ce_loss_score", "{:.4f}"),
