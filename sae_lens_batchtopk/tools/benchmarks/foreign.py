@@ -48,7 +48,6 @@ from sae_lens_batchtopk.tools.benchmarks.command_line import (
     CONFIG,
     Device,
     check_device,
-    check_k,
     command_parser,
     one_or_more,
     require_positive,
@@ -144,7 +143,8 @@ def prepare(config: ImportConfig) -> ImportJob:
             f" {sae.cfg.d_in}"
         )
     target = float(config.k if config.k is not None else sae.cfg.k)
-    check_k(target, sae.cfg.d_sae)
+    if not 0 < target <= sae.cfg.d_sae:
+        raise ValueError(f"--k {target:g} must be in (0, {sae.cfg.d_sae}], the checkpoint's d_sae")
     for method in config.methods:
         try:
             check_token_budget(
