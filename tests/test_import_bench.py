@@ -7,9 +7,13 @@ fixture's held-out reference inputs and written in the cache format: no model, s
 
 from __future__ import annotations
 
+import importlib.util
 import json
+import os
+import subprocess
 from dataclasses import asdict
 from pathlib import Path
+from types import ModuleType
 
 import pytest
 import torch
@@ -22,6 +26,8 @@ from sae_lens_batchtopk.tools.benchmarks import foreign
 from sae_lens_batchtopk.tools.benchmarks.activation_cache import SPLITS, CacheSpec
 from sae_lens_batchtopk.tools.benchmarks.foreign import BATCH_TOPK, FOREIGN_THETA, ImportConfig
 from sae_lens_batchtopk.tools.cli import main as cli_main
+
+SCRIPT = Path(foreign.__file__).with_name("train_dictionary_learning.py")
 
 FIXTURE = Path(__file__).parent / "data" / "foreign" / "dictionary_learning_batchtopk"
 SIZES = {"heldout": 512, "calibration": 1024, "train": 256}
@@ -130,3 +136,59 @@ def test_bad_options_fail_before_work(
     (line,) = capsys.readouterr().err.splitlines()
     assert line.startswith(f"sae-batchtopk bench-import: error: {option}"), line
     assert not output.exists()
+
+
+def training_script() -> ModuleType:
+    """The training script, loaded as a file (it imports dictionary_learning only to train)."""
+    spec = importlib.util.spec_from_file_location("train_dictionary_learning", SCRIPT)
+    assert spec is not None and spec.loader is not None
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+@pytest.mark.parametrize(
+    ("argv", "message"),
+    [
+        (["--k", "0"], "--k must be positive"),
+        (["--k", "64"], "--k 64 exceeds --dict-size 48"),
+        (["--batch-size", "512"], "--batch-size 512 exceeds the 256-token train split"),
+        (["--warmup-steps", "8"], "--warmup-steps must be in [0, 8)"),
+        (["--threshold-start-step", "9"], "--threshold-start-step must be in [0, 8)"),
+        (["--device", "tpu"], "--device must be cpu or cuda"),
+    ],
+)
+def test_training_script_refuses_bad_options_before_training(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], argv: list[str], message: str
+) -> None:
+    cache = write_cache(tmp_path / "cache.safetensors")
+    base = [str(cache), str(tmp_path / "dl"), "--dict-size", "48", "--batch-size", "64"]
+    # 256 train tokens in batches of 64, 2 epochs: 8 steps.
+    assert training_script().main([*base, "--epochs", "2", *argv]) == 2
+    (line,) = capsys.readouterr().err.splitlines()
+    assert line.startswith(f"train_dictionary_learning.py: error: {message}"), line
+    assert not (tmp_path / "dl").exists()
+
+
+PEERS_PYTHON = os.environ.get("SAE_BATCHTOPK_PEERS_PYTHON")
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(
+    PEERS_PYTHON is None,
+    reason="set SAE_BATCHTOPK_PEERS_PYTHON to a Python with dictionary-learning installed",
+)
+def test_training_script_writes_what_bench_import_reads(tmp_path: Path) -> None:
+    """dictionary_learning's own trainer, on a tiny cache, then bench-import on its folder."""
+    cache = write_cache(tmp_path / "cache.safetensors")
+    output = tmp_path / "dl"
+    argv = [str(cache), str(output), "--k", "4", "--dict-size", "48", "--batch-size", "64"]
+    subprocess.run([PEERS_PYTHON, str(SCRIPT), *argv, "--epochs", "4"], check=True)
+
+    trainer = json.loads((output / "trainer_0" / "config.json").read_text())
+    assert trainer["trainer"]["trainer_class"] == "BatchTopKTrainer"
+    assert trainer["buffer"]["split"] == "train" and trainer["buffer"]["cache"] == str(cache)
+    config = ImportConfig(output / "trainer_0", cache, batch_size=64, output=tmp_path / "out")
+    rows = foreign.run_import_benchmark(foreign.prepare(config))["rows"]
+    assert rows[0]["label"] == FOREIGN_THETA and rows[0]["theta"] > 0  # θ was estimated
+    assert rows[-1]["calibration_l0"] == pytest.approx(4, rel=0.02)

@@ -17,8 +17,8 @@ each with inference L0 (mean, percentiles, deviation from k), NMSE and dead frac
 as ``import.json``, ``import.md``, ``import_l0_nmse.png`` and a ``BENCHMARKS.md`` section.
 
 The foreign SAE must have been trained on the cache's *train* split, so that the calibration and
-held-out splits are tokens it never saw: ``scripts/train_dictionary_learning.py`` trains
-dictionary_learning's own ``BatchTopKTrainer`` that way. It lives outside the package because it
+held-out splits are tokens it never saw: ``train_dictionary_learning.py`` (beside this file) trains
+dictionary_learning's own ``BatchTopKTrainer`` that way. It is never imported here because it
 needs the ``dictionary-learning`` package, which this one does not depend on: run it in an
 environment of its own, then point this command at the folder it wrote.
 """

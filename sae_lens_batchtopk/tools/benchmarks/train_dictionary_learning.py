@@ -1,13 +1,14 @@
 """Train dictionary_learning's own BatchTopK SAE on the train split of one of our activation caches.
 
-The foreign SAE that ``sae-batchtopk bench-import`` imports and recalibrates. It lives here, outside
-the package, because it needs the ``dictionary-learning`` package, which ``sae-lens-batchtopk``
-does not depend on; it needs nothing else but torch and safetensors (not this package), so run it
-in an environment of its own::
+The foreign SAE that ``sae-batchtopk bench-import`` imports and recalibrates. It sits beside the
+benchmarks but is run as a file, never imported by the package: it needs ``dictionary-learning``,
+which ``sae-lens-batchtopk`` does not depend on, and nothing else but torch and safetensors (not
+this package), so run it in an environment of its own::
 
     python3 -m venv /tmp/peers && /tmp/peers/bin/pip install torch==2.13.0 safetensors
     /tmp/peers/bin/pip install -c <(echo torch==2.13.0) dictionary-learning==0.1.0
-    /tmp/peers/bin/python scripts/train_dictionary_learning.py CACHE.safetensors OUTPUT --epochs 3
+    /tmp/peers/bin/python sae_lens_batchtopk/tools/benchmarks/train_dictionary_learning.py \
+        CACHE.safetensors OUTPUT --epochs 3
     sae-batchtopk bench-import OUTPUT/trainer_0 --cache CACHE.safetensors --output runs/import
 
 ``CACHE.safetensors`` is a file written by ``sae-batchtopk bench`` or ``bench-speed`` (under
