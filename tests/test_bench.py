@@ -15,12 +15,13 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import needs_offline_assets
+from conftest import TINY_D_MODEL, needs_offline_assets
 from sae_lens.config import LanguageModelSAERunnerConfig, LoggingConfig
 from sae_lens.registry import SAE_TRAINING_CLASS_REGISTRY
 from transformer_lens import HookedTransformer
 
 from sae_lens_batchtopk.calibration import METHODS
+from sae_lens_batchtopk.evaluation import reconstruction_stats
 from sae_lens_batchtopk.saes.calibrated_batchtopk_sae import ARCHITECTURE
 from sae_lens_batchtopk.tools.benchmarks import harness, quality, quality_config, quality_report
 from sae_lens_batchtopk.tools.benchmarks.activation_cache import ActivationCache, CacheSpec
@@ -394,6 +395,7 @@ def test_snapshots_are_refused_unless_the_schedule_is_constant(
         ({"preset": DEFAULTS, "aux_variants": ("none",)}, "--aux-variants"),
         ({"preset": DEFAULTS, "architectures": ("topk", "jumprelu")}, "--architectures"),
         ({"preset": DEFAULTS, "architectures": ("calibrated_batchtopk",)}, "--architectures"),
+        ({"preset": DEFAULTS, "architectures": ("matryoshka_batchtopk",)}, "--architectures"),
         ({"preset": DEFAULTS, "train_tokens": 4000}, "--train-tokens"),
         ({"preset": "nope"}, "--preset"),
     ],
@@ -602,3 +604,102 @@ def test_defaults_preset_end_to_end(
 
     monkeypatch.setattr(quality, "_train", no_training)
     assert quality.run_benchmark(config, model=smollm2, show_progress=False)["rows"] == rows
+
+
+# --- Matryoshka: SAELens's matryoshka_batchtopk and ours, evaluated per level -------------------
+
+MATRYOSHKA = "calibrated_matryoshka_batchtopk"
+
+
+def test_level_nmse_decodes_only_each_prefix_of_the_codes() -> None:
+    cache = random_cache(train_batches=1)
+    config = tiny_config(Path("unused"), architectures=(ARCHITECTURE,))
+    runner = quality_config.runner_config_for(ARCHITECTURE, 4, 64, config, cache.d_in, None, False)
+    sae, _ = harness.new_sae_and_trainer(runner, iter([]), None)
+    inference = quality._export(sae)
+    heldout = cache.batches("heldout", 128)
+    levels = quality.level_nmse(inference, heldout, [8, 32, 64])
+
+    x = torch.cat(heldout)
+    codes = inference.encode(x).detach()
+    variance = sum(float((b - b.mean(0)).double().pow(2).sum()) for b in heldout)
+    for width, nmse in zip([8, 32], levels, strict=False):
+        decoded = codes[:, :width] @ inference.W_dec[:width] + inference.b_dec
+        error = float((decoded.detach() - x).double().pow(2).sum())
+        assert nmse == pytest.approx(error / variance, rel=1e-5)
+    assert levels[-1] == pytest.approx(reconstruction_stats(inference, heldout)["nmse"])
+    assert levels[0] > levels[1] > levels[2]
+
+
+def test_matryoshka_runs_end_to_end(
+    tmp_path: Path, tiny_model: HookedTransformer, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """SAELens's Matryoshka and ours on the same tokens (tiny model, random activations)."""
+    cache = random_cache(train_batches=1, d_in=TINY_D_MODEL)
+    cache.eval_tokens = torch.randint(1, 64, (1, 16), generator=torch.Generator().manual_seed(0))
+    monkeypatch.setattr(quality, "load_model_and_cache", lambda *args: (tiny_model, cache))
+    monkeypatch.setattr(quality, "special_token_ids", lambda tokenizer: [0])
+    config = tiny_config(
+        tmp_path,
+        hook_name=cache.spec.hook_name,
+        train_tokens=4096,
+        batch_size=512,
+        architectures=(MATRYOSHKA, "matryoshka_batchtopk", ARCHITECTURE),  # any order
+        matryoshka_widths=(8, 16, 32),
+    )
+    results = quality.run_benchmark(config, model=tiny_model, show_progress=False)
+
+    rows = {row["label"]: row for row in results["rows"]}
+    # The built-in trains first, so that ours can be calibrated to its L0.
+    assert [label.split("/")[0].split("[")[0] for label in rows] == [
+        *[ARCHITECTURE] * 3,
+        *["matryoshka_batchtopk"] * 2,
+        *[MATRYOSHKA] * 4,
+    ]
+    builtin = rows["matryoshka_batchtopk[ema]"]
+    equal = rows[f"{MATRYOSHKA}/auxk[l0@matryoshka_batchtopk]"]
+    assert equal["calibration_target_l0"] == builtin["l0_mean"]
+    assert equal["calibration_l0"] == pytest.approx(builtin["l0_mean"], rel=0.05)
+    assert rows["matryoshka_batchtopk[l0]"]["calibration_l0"] == pytest.approx(4, rel=0.02)
+    for row in rows.values():  # every row, the plain ones too, per level
+        assert row["level_widths"] == [8, 16, 32, 64]
+        assert row["level_nmse"][-1] == pytest.approx(row["nmse"])
+    run = json.loads(
+        (config.output / quality.RUNS_DIR / f"{MATRYOSHKA}-auxk-k4-d64.json").read_text()
+    )
+    assert run["resolved_settings"]["sae"]["matryoshka_widths"] == [8, 16, 32, 64]
+    assert run["resolved_settings"]["sae"]["use_matryoshka_aux_loss"] is False
+    assert results["settings"]["matryoshka_levels"] == {"64": [8, 16, 32, 64]}
+    section = (config.output / FILES.section).read_text()
+    assert "| NMSE per level |" in section and "(d_sae 64: 8/16/32/64)" in section
+    assert f"| {MATRYOSHKA}/auxk[l0@matryoshka_batchtopk] | 4 | 64 |" in section
+
+
+@pytest.mark.parametrize(
+    ("overrides", "option"),
+    [
+        ({"matryoshka_widths": (8, 16)}, "--matryoshka-widths: no Matryoshka architecture"),
+        ({"architectures": (MATRYOSHKA,), "matryoshka_widths": (16, 8)}, "--matryoshka-widths"),
+        ({"architectures": (MATRYOSHKA,), "matryoshka_widths": (8, 128)}, "--matryoshka-widths"),
+        ({"architectures": (MATRYOSHKA,), "d_sae": (4,)}, "--matryoshka-widths"),  # 4/8 = 0
+    ],
+)
+def test_matryoshka_bad_input_fails_before_any_work(
+    tmp_path: Path, overrides: dict[str, object], option: str
+) -> None:
+    config = tiny_config(tmp_path, **{"k": (2,), **overrides})
+    with pytest.raises(ValueError, match=option):
+        quality.run_benchmark(config)
+    assert not (tmp_path / "cache").exists()
+
+
+def test_matryoshka_widths_default_to_fractions_of_d_sae() -> None:
+    config, _ = quality.parse_command(
+        ["--architectures", "batchtopk", MATRYOSHKA, "--d-sae", "4608", "--k", "32"]
+    )
+    assert config.level_widths(4608) == [576, 1152, 2304, 4608]
+    assert BenchConfig().level_widths(4608) is None  # no Matryoshka run, no levels
+    config, _ = quality.parse_command(
+        ["--architectures", MATRYOSHKA, "--matryoshka-widths", "512", "2048", "--d-sae", "4096"]
+    )
+    assert config.level_widths(4096) == [512, 2048, 4096]

@@ -3,11 +3,12 @@
 Not a benchmark: the figures it prints here mean nothing. What is checked is how they are
 derived: throughput and speed-ups from the timed steps (warm-up excluded), the fast path's MSE
 curve against the dense reference's, a selection check that does fail on a wrong selection,
-and outputs that hold the results.
+and outputs that hold the results, for the plain BatchTopK runs and the Matryoshka ones.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import json
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -18,12 +19,18 @@ from conftest import needs_offline_assets
 from transformer_lens import HookedTransformer
 
 from sae_lens_batchtopk.tools.benchmarks import speed, speed_report
-from sae_lens_batchtopk.tools.benchmarks.speed import BASELINE, DENSE, FAST, SpeedConfig
+from sae_lens_batchtopk.tools.benchmarks.activation_cache import ActivationCache
+from sae_lens_batchtopk.tools.benchmarks.speed import BATCHTOPK, MATRYOSHKA, Family, SpeedConfig
 from sae_lens_batchtopk.tools.cli import main as cli_main
 
 # Seconds every (fake) timed training step of a run takes; the warm-up step takes WARMUP_SECONDS.
-STEP_SECONDS = {BASELINE: 0.1, DENSE: 0.2, FAST: 0.04}
+STEP_SECONDS = {"baseline": 0.1, "dense": 0.2, "fast": 0.04}
 WARMUP_SECONDS = 10.0
+# The family's settings in a tiny config: the Matryoshka runs nest at these widths.
+FAMILY_SETTINGS: dict[str, dict[str, object]] = {
+    "batchtopk": {},
+    "matryoshka": {"matryoshka_widths": (8, 16, 32)},
+}
 
 
 @pytest.fixture(scope="module")
@@ -41,11 +48,22 @@ def random_batches(config: SpeedConfig, d_in: int = 16) -> list[torch.Tensor]:
     ]
 
 
+def role_names(family: Family) -> dict[str, str]:
+    return {"baseline": family.baseline, "dense": family.dense, "fast": family.fast}
+
+
+@pytest.mark.parametrize("name", list(FAMILY_SETTINGS))
 def test_throughput_and_speed_ups_come_from_the_timed_steps(
-    monkeypatch: pytest.MonkeyPatch,
+    monkeypatch: pytest.MonkeyPatch, name: str
 ) -> None:
     """Each run's steps take a known time: tokens/s, median and speed-up follow from them."""
-    config = SpeedConfig(d_sae=64, k=4.0, batch_size=32, steps=3, warmup_steps=1)
+    config = SpeedConfig(
+        d_sae=64, k=4.0, batch_size=32, steps=3, warmup_steps=1, **FAMILY_SETTINGS[name]
+    )
+    family = config.family
+    assert family == {"batchtopk": BATCHTOPK, "matryoshka": MATRYOSHKA}[name]
+    assert config.runs == tuple(family.runs)  # every run of the family by default
+    names = role_names(family)
     seconds: Iterator[float] = iter(())
 
     def fake_timed(device: str, call: Callable[[], object]) -> tuple[object, float]:
@@ -56,22 +74,24 @@ def test_throughput_and_speed_ups_come_from_the_timed_steps(
     batches = random_batches(config)
     train_stats = (1.0, batches[0].mean(0))
     runs = {}
-    for name, step in STEP_SECONDS.items():
+    for role, step in STEP_SECONDS.items():
         seconds = iter([WARMUP_SECONDS] + [step] * config.steps)
-        runs[name] = speed.time_training_steps(name, config, batches, train_stats)
+        runs[names[role]] = speed.time_training_steps(names[role], config, batches, train_stats)
         assert next(seconds, None) is None  # every step, and only the steps, was timed
 
-    for name, step in STEP_SECONDS.items():
+    baseline, dense, fast = names.values()
+    for role, step in STEP_SECONDS.items():
         # The warm-up step counts in neither figure.
-        assert runs[name]["tokens_per_s"] == pytest.approx(config.batch_size / step)
-        assert runs[name]["median_step_s"] == step
-    assert speed.speed_ups(runs) == pytest.approx({BASELINE: 1.0, DENSE: 0.5, FAST: 2.5})
-    assert speed.speed_ups({FAST: runs[FAST]}) == {}  # no baseline, no speed-up
+        assert runs[names[role]]["tokens_per_s"] == pytest.approx(config.batch_size / step)
+        assert runs[names[role]]["median_step_s"] == step
+    speedups = speed.speed_ups(runs, baseline)
+    assert speedups == pytest.approx({baseline: 1.0, dense: 0.5, fast: 2.5})
+    assert speed.speed_ups({fast: runs[fast]}, baseline) == {}  # no baseline, no speed-up
 
     # Same weights, same batches: the sparse path trains exactly like the dense reference...
-    assert runs[FAST]["fast_path"] and not runs[DENSE]["fast_path"]
-    assert runs[FAST]["mse_loss"] == pytest.approx(runs[DENSE]["mse_loss"], rel=1e-5)
-    match = speed.curve_match(runs)
+    assert runs[fast]["fast_path"] and not runs[dense]["fast_path"]
+    assert runs[fast]["mse_loss"] == pytest.approx(runs[dense]["mse_loss"], rel=1e-5)
+    match = speed.curve_match(runs, family)
     assert match is not None and match["max_relative_difference"] < 1e-5
     # ... while training moves the loss far more than that, so a difference would show.
     assert match["step_to_step_change"] > 1e-3
@@ -108,16 +128,16 @@ def test_quick_speed_run(tmp_path: Path, smollm2: HookedTransformer) -> None:
     results = speed.run_speed_benchmark(config, model=smollm2, show_progress=False)
 
     runs = results["runs"]
-    assert list(runs) == list(speed.RUNS)
-    baseline = runs[BASELINE]["tokens_per_s"]
+    assert list(runs) == list(BATCHTOPK.runs)
+    baseline = runs[BATCHTOPK.baseline]["tokens_per_s"]
     for run in runs.values():
         assert len(run["mse_loss"]) == config.total_steps
         assert run["speedup"] == pytest.approx(run["tokens_per_s"] / baseline)
         peak_fraction = run["required_flops_per_s"] / results["peak_matmul_flops"]
         assert run["fraction_of_peak"] == pytest.approx(peak_fraction)
-    fast, dense = runs[FAST]["mse_loss"], runs[DENSE]["mse_loss"]
+    fast, dense = runs[BATCHTOPK.fast]["mse_loss"], runs[BATCHTOPK.dense]["mse_loss"]
     assert fast == pytest.approx(dense, rel=1e-4)
-    assert results["curve_match"] == speed.curve_match(runs)
+    assert results["curve_match"] == speed.curve_match(runs, BATCHTOPK)
     assert results["selection"]["same_selection"] is True
 
     for name in speed_report.FILES:
@@ -141,6 +161,12 @@ def test_quick_sets_tiny_defaults_that_explicit_options_override() -> None:
         (["--steps", "0"], "--steps"),
         (["--k", "0"], "--k"),
         (["--warmup-steps", "-1"], "--warmup-steps"),
+        (["--matryoshka-widths", "4096", "512"], "--matryoshka-widths"),
+        (["--matryoshka-widths", "512", "32768"], "--matryoshka-widths"),
+        (["--matryoshka-widths", "0", "512"], "--matryoshka-widths"),
+        (["--use-matryoshka-aux-loss"], "--use-matryoshka-aux-loss"),
+        (["--matryoshka-widths", "512", "--runs", "batchtopk"], "--runs"),
+        (["--runs", "matryoshka_batchtopk"], "--runs"),
     ],
 )
 def test_bad_options_fail_before_work(
@@ -149,3 +175,70 @@ def test_bad_options_fail_before_work(
     assert cli_main(["bench-speed", *argv]) == 2
     (line,) = capsys.readouterr().err.splitlines()
     assert line.startswith(f"sae-batchtopk bench-speed: error: {option}")
+
+
+def random_cache(config: SpeedConfig, d_in: int = 16) -> ActivationCache:
+    """Random activations with a residual-like mean in an in-memory cache: no model needed."""
+    generator = torch.Generator().manual_seed(0)
+    train = torch.randn(config.total_steps * config.batch_size, d_in, generator=generator) + 2.0
+    spec = dataclasses.replace(config.cache_spec(), model_name="random")
+    splits = {"train": train.half(), "calibration": train[:1].half(), "heldout": train[:1].half()}
+    return ActivationCache(spec, Path("in-memory"), splits, torch.zeros(1, 2, dtype=torch.long))
+
+
+@pytest.mark.parametrize("per_level", [False, True], ids=["whole-sae-aux", "per-level-aux"])
+def test_matryoshka_runs_time_both_libraries_from_the_same_weights(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, per_level: bool
+) -> None:
+    """SAELens's matryoshka_batchtopk is the baseline; the section states the aux setting."""
+    config = SpeedConfig(
+        d_sae=256,
+        k=1.0,  # 32 of 256 latents fire per step: most are dead after the window
+        batch_size=32,
+        steps=3,
+        warmup_steps=1,
+        dead_window_steps=1,
+        matryoshka_widths=(32, 64, 128),
+        use_matryoshka_aux_loss=per_level,
+        output=tmp_path / "out",
+    )
+    cache = random_cache(config)
+    monkeypatch.setattr(speed, "load_model_and_cache", lambda *args: (None, cache))
+    monkeypatch.setattr(speed, "probe_peak_memory", lambda *args: 0.0)  # a process per run
+    monkeypatch.setattr(speed, "peak_matmul_flops", lambda device: 1e9)  # 2048² matmuls
+    built = []
+
+    def spy(runner_config: object, *args: object) -> object:
+        built.append(runner_config)
+        return new_sae_and_trainer(runner_config, *args)
+
+    new_sae_and_trainer = speed.new_sae_and_trainer
+    monkeypatch.setattr(speed, "new_sae_and_trainer", spy)
+    results = speed.run_speed_benchmark(config, show_progress=False)
+
+    assert [runner.sae.architecture() for runner in built] == [
+        "matryoshka_batchtopk",
+        "calibrated_matryoshka_batchtopk",
+        "calibrated_matryoshka_batchtopk",
+    ]
+    for runner in built:  # the same nesting and aux setting for every run
+        assert runner.sae.matryoshka_widths == [32, 64, 128, 256]
+        assert runner.sae.use_matryoshka_aux_loss is per_level
+    runs = results["runs"]
+    assert results["baseline"] == MATRYOSHKA.baseline
+    assert runs[MATRYOSHKA.baseline]["speedup"] == 1.0
+    assert runs[MATRYOSHKA.fast]["dead_fraction_end"] > 0  # the aux losses did run
+    assert results["curve_match"]["max_relative_difference"] < 1e-5
+    section = (config.output / speed_report.FILES.section).read_text()
+    assert "vs SAELens's `matryoshka_batchtopk`" in section
+    assert "Matryoshka widths 32/64/128/256" in section
+    assert "| speed-up vs matryoshka_batchtopk |" in section
+    aux = "per-level AuxK" if per_level else "AuxK on the whole SAE's residual"
+    assert f"{aux}" in section and "active (dead after 1 idle steps)" in section
+
+
+def test_a_dead_window_as_long_as_the_run_is_reported_as_no_aux_loss() -> None:
+    settings = dataclasses.asdict(SpeedConfig(steps=3, warmup_steps=1, dead_window_steps=4))
+    assert "never runs: no latent can be dead" in speed_report.aux_setting(settings)
+    settings["dead_window_steps"] = 3
+    assert "active (dead after 3 idle steps)" in speed_report.aux_setting(settings)

@@ -885,6 +885,12 @@ def build_parser() -> argparse.ArgumentParser:
         help="training-step throughput, sparse fast path vs dense (see: bench-speed --help)",
         add_help=False,
     )
+    commands.add_parser(
+        "bench-import",
+        help="a foreign SAE's inference L0 and NMSE before and after calibration"
+        " (see: bench-import --help)",
+        add_help=False,
+    )
     return parser
 
 
@@ -904,6 +910,10 @@ def main(argv: Sequence[str] | None = None, resources: Resources | None = None) 
         from sae_lens_batchtopk.tools.benchmarks.speed import main as speed_main
 
         return speed_main(args_list[1:])
+    if args_list[:1] == ["bench-import"]:
+        from sae_lens_batchtopk.tools.benchmarks.foreign import main as import_main
+
+        return import_main(args_list[1:])
     args = build_parser().parse_args(args_list)
     try:
         if args.command == "train":

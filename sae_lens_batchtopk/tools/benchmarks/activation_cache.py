@@ -35,6 +35,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import torch
+from safetensors import SafetensorError, safe_open
 from safetensors.torch import load_file
 from tqdm.auto import tqdm
 from transformer_lens import HookedTransformer
@@ -176,6 +177,45 @@ def load_or_create_activation_cache(
     if not path.is_file():
         _generate(spec, model, path, show_progress=show_progress)
         created = True
+    return _load(path, spec, created)
+
+
+def read_cache_header(path: Path) -> tuple[CacheSpec, int]:
+    """The spec a cache file was written for and its d_in, from its header alone.
+
+    Lets a command that takes a cache file (``bench-import --cache``) refuse a wrong file
+    before reading a gigabyte of activations.
+
+    Raises:
+        ValueError: the file is missing, is not a safetensors file, or lacks a split or spec.
+    """
+    if not Path(path).is_file():
+        raise ValueError(f"{path} is not a file")
+    try:
+        with safe_open(str(path), "pt") as cache_file:
+            metadata = cache_file.metadata() or {}
+            names = set(cache_file.keys())
+            d_in = cache_file.get_slice("train").get_shape()[-1] if "train" in names else 0
+    except (SafetensorError, OSError) as error:
+        raise ValueError(f"{path} is not a readable safetensors file ({error})") from None
+    missing = sorted({*SPLITS, "eval_tokens"} - names)
+    if missing or "spec" not in metadata:
+        raise ValueError(
+            f"{path} is not an activation cache: no {missing or ['spec']} (write one with"
+            " sae-batchtopk bench or bench-speed)"
+        )
+    try:
+        return CacheSpec(**json.loads(metadata["spec"])), d_in
+    except (TypeError, json.JSONDecodeError) as error:
+        raise ValueError(f"{path}: unreadable cache spec ({error})") from None
+
+
+def load_activation_cache(path: Path) -> ActivationCache:
+    """An existing cache file, whatever its spec (read from the file): no model needed."""
+    return _load(Path(path), read_cache_header(path)[0], created=False)
+
+
+def _load(path: Path, spec: CacheSpec, created: bool) -> ActivationCache:
     tensors = load_file(str(path))
     return ActivationCache(
         spec=spec,

@@ -12,6 +12,7 @@ work starts.
 
 from __future__ import annotations
 
+import itertools
 import shlex
 import sys
 from argparse import Namespace
@@ -43,12 +44,18 @@ def one_or_more(*default: Any, **options: Any) -> Any:
 
 
 def command_parser(
-    prog: str, description: str, config_class: type, **extra_classes: type
+    prog: str,
+    description: str,
+    config_class: type,
+    *,
+    quick: bool = True,
+    **extra_classes: type,
 ) -> ArgumentParser:
     """A parser with one option per field of ``config_class`` (and of each extra class).
 
     ``extra_classes`` map a namespace attribute to a dataclass of options that are not
-    settings of one run (the quality benchmark's several ``--hook`` values).
+    settings of one run (the quality benchmark's several ``--hook`` values). ``quick=False``
+    leaves ``--quick`` out, for a command with no tiny settings (it would be a silent no-op).
     """
     parser = ArgumentParser(
         prog=prog,
@@ -56,12 +63,13 @@ def command_parser(
         add_option_string_dash_variants=DashVariant.DASH,
         add_config_path_arg=False,
     )
-    parser.add_argument(
-        "--quick",
-        action="store_true",
-        help="tiny settings for a smoke run of a few minutes; options given explicitly still"
-        " take precedence",
-    )
+    if quick:
+        parser.add_argument(
+            "--quick",
+            action="store_true",
+            help="tiny settings for a smoke run of a few minutes; options given explicitly"
+            " still take precedence",
+        )
     parser.add_arguments(config_class, dest=CONFIG)
     for dest, options_class in extra_classes.items():
         parser.add_arguments(options_class, dest=dest)
@@ -118,6 +126,23 @@ def check_k(k: float, d_sae: int) -> None:
     """Batch top-k keeps k of d_sae latents per token on average: 0 < k <= d_sae."""
     if not 0 < k <= d_sae:
         raise ValueError(f"--k {k} must be in (0, --d-sae {d_sae}]")
+
+
+def nested_widths(widths: Sequence[int], d_sae: int) -> list[int]:
+    """A Matryoshka SAE's level widths: ``widths`` checked, ending at ``d_sae``.
+
+    ``d_sae`` is appended when the last width is below it, as SAELens does (here without its
+    warning: the option's help says so). Checked here, with the option named, rather than by
+    the SAE configs at training time, after the cache has been built.
+    """
+    option = "--matryoshka-widths"
+    if any(isinstance(width, bool) or not isinstance(width, int) for width in widths):
+        raise ValueError(f"{option} must be integers, got {list(widths)}")
+    if not widths or widths[0] <= 0 or any(b <= a for a, b in itertools.pairwise(widths)):
+        raise ValueError(f"{option} must be positive and strictly increasing, got {list(widths)}")
+    if widths[-1] > d_sae:
+        raise ValueError(f"{option} {list(widths)}: the widths are prefixes of --d-sae {d_sae}")
+    return list(widths) if widths[-1] == d_sae else [*widths, d_sae]
 
 
 def check_device(device: str) -> None:

@@ -290,6 +290,13 @@ def utc_now() -> str:
 Column = tuple[str, str | Callable[[Mapping[str, Any]], str], str]
 
 
+L0_PERCENTILES: Column = (
+    "L0 p5/p50/p95",
+    lambda row: f"{row['l0_p5']:.0f}/{row['l0_p50']:.0f}/{row['l0_p95']:.0f}",
+    "",
+)
+
+
 def markdown_table(rows: Sequence[Mapping[str, Any]], columns: Sequence[Column]) -> str:
     """A Markdown table, one line per row."""
     lines = [

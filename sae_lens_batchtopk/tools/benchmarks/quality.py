@@ -20,6 +20,17 @@ Each run is then evaluated the way it would be deployed:
   No sweep: the L0 it actually reaches is what the table reports.
 - ``calibrated_batchtopk``: one training run, calibrated three times (``paper``, ``l0``,
   ``per_latent``) on the calibration split.
+- ``matryoshka_batchtopk`` (asked for explicitly): SAELens's Matryoshka BatchTopK, nested at
+  ``--matryoshka-widths`` (default d_sae/8, /4, /2, d_sae) with its default aux setting,
+  deployed as its JumpReLU export with the EMA θ (``[ema]``) and, as an extra row, the same
+  weights calibrated by us to k (``[l0]``).
+- ``calibrated_matryoshka_batchtopk`` (asked for explicitly): ours at the same widths, calibrated
+  like ``calibrated_batchtopk`` and also to the held-out L0 of ``matryoshka_batchtopk[ema]``
+  when that trains too (``[l0@matryoshka_batchtopk]``): the comparison at equal L0.
+
+With a Matryoshka architecture in the run, every evaluated SAE (the plain ones too, as the
+reference without nesting) also gets its NMSE per level: the reconstruction from the codes of
+its first ``w`` latents only, for each level width ``w`` (:func:`level_nmse`).
 
 Per evaluated SAE: held-out inference L0 (mean, p5/p50/p95, deviation from k), NMSE and
 explained variance (:func:`~sae_lens_batchtopk.evaluation.reconstruction_stats`), CE-loss and
@@ -88,6 +99,7 @@ from sae_lens_batchtopk.calibration import (
 )
 from sae_lens_batchtopk.evaluation import reconstruction_stats
 from sae_lens_batchtopk.saes.calibrated_batchtopk_sae import ARCHITECTURE, CalibratedBatchTopKSAE
+from sae_lens_batchtopk.saes.matryoshka_batchtopk_sae import CALIBRATED_MATRYOSHKA
 from sae_lens_batchtopk.tools.benchmarks.activation_cache import ActivationCache
 from sae_lens_batchtopk.tools.benchmarks.command_line import (
     command_parser,
@@ -109,6 +121,7 @@ from sae_lens_batchtopk.tools.benchmarks.harness import (
     utc_now,
 )
 from sae_lens_batchtopk.tools.benchmarks.quality_config import (
+    ARCHITECTURES,
     BENCH_PRESET,
     BENCH_PRESET_FIELDS,
     CALIBRATED_ARCHITECTURES,
@@ -123,9 +136,9 @@ from sae_lens_batchtopk.tools.benchmarks.quality_config import (
     runner_config_for,
 )
 from sae_lens_batchtopk.tools.benchmarks.quality_report import (
-    EQUAL_L0_METHOD,
     FILES,
     comparison_cells,
+    equal_l0_method,
     results_markdown,
     write_quality_outputs,
 )
@@ -139,7 +152,11 @@ _RUN_SELECTION_SETTINGS = frozenset(
 )
 # Settings added after run files were first written: hashed only when they differ from these
 # defaults, so runs finished before the settings existed keep their fingerprint and resume.
-_LATER_SETTINGS: dict[str, Any] = {"preset": BENCH_PRESET, "snapshot_tokens": ()}
+_LATER_SETTINGS: dict[str, Any] = {
+    "preset": BENCH_PRESET,
+    "snapshot_tokens": (),
+    "matryoshka_widths": (),
+}
 # Tokens encoded at once while evaluating; bounds the tokens x d_sae working memory.
 _EVAL_BATCH_TOKENS = 4096
 
@@ -266,6 +283,7 @@ def _train_and_evaluate(
     rows: list[dict[str, Any]] = []
     saes: dict[str, SAE[Any]] = {}
     label = architecture if variant is None else f"{architecture}/{variant}"
+    widths = config.level_widths(runner_config.sae.d_sae)
     for trained, training in _train(runner_config, k, config, cache, statistics):
         tokens = training["training_tokens"]
         builtin_l0 = None if builtin_l0s is None else builtin_l0s[str(tokens)]
@@ -274,6 +292,12 @@ def _train_and_evaluate(
         ):
             row_label = label if method is None else f"{label}[{method}]"
             saes[f"{row_label}@{tokens}"] = sae
+            levels = {}
+            if widths is not None:
+                levels = {
+                    "level_widths": widths,
+                    "level_nmse": level_nmse(sae, evaluation.heldout, widths),
+                }
             rows.append(
                 {
                     "label": row_label,
@@ -284,6 +308,7 @@ def _train_and_evaluate(
                     "d_sae": runner_config.sae.d_sae,
                     **_preset_fields(config),
                     **reconstruction_stats(sae, evaluation.heldout, target_l0=k),
+                    **levels,
                     **training,
                     **extra,
                 }
@@ -300,6 +325,31 @@ def _train_and_evaluate(
     return rows
 
 
+@torch.no_grad()
+def level_nmse(
+    sae: SAE[Any], batches: Sequence[torch.Tensor], widths: Sequence[int]
+) -> list[float]:
+    """Normalized MSE of each nested level: decoding only the codes of latents below ``w``.
+
+    The codes are the deployed form's own (thresholds, TopK, ...) computed over the whole
+    dictionary; level ``w`` keeps those of latents ``[0, w)`` and zeroes the rest, which is
+    how a Matryoshka prefix is used on its own. Normalised as
+    :func:`~sae_lens_batchtopk.evaluation.reconstruction_stats` (per-batch mean), so the
+    level ``w = d_sae`` is the row's NMSE.
+    """
+    errors = [0.0] * len(widths)
+    variance = 0.0
+    for batch in batches:
+        x = batch.to(sae.device, sae.dtype)
+        codes = sae.encode(x)
+        for level, width in enumerate(widths):
+            prefix = codes.clone()
+            prefix[:, width:] = 0
+            errors[level] += float((sae.decode(prefix) - x).double().pow(2).sum())
+        variance += float((x - x.mean(0)).double().pow(2).sum())
+    return [error / variance for error in errors]
+
+
 def _preset_fields(config: BenchConfig) -> dict[str, Any]:
     """Row fields of the sae-lens-defaults preset, whose tables compare cells across hooks."""
     if config.preset == BENCH_PRESET:
@@ -307,32 +357,50 @@ def _preset_fields(config: BenchConfig) -> dict[str, Any]:
     return {"preset": config.preset, "hook": config.hook_name}
 
 
+def _equal_l0_builtin(config: BenchConfig, architecture: str) -> str | None:
+    """The built-in whose held-out L0 ``architecture`` is also calibrated to, if any.
+
+    SAELens's exports land at whatever L0 their EMA θ gives, so a comparison at equal L0 moves
+    ours there: ``calibrated_batchtopk`` to ``batchtopk`` under the sae-lens-defaults preset,
+    ``calibrated_matryoshka_batchtopk`` to ``matryoshka_batchtopk`` whenever both train.
+    """
+    if architecture == ARCHITECTURE and config.preset != BENCH_PRESET:
+        return "batchtopk"
+    if architecture == CALIBRATED_MATRYOSHKA and "matryoshka_batchtopk" in config.architectures:
+        return "matryoshka_batchtopk"
+    return None
+
+
 def _builtin_l0s(
     config: BenchConfig, architecture: str, rows: Sequence[Mapping[str, Any]], k: float, d_sae: int
 ) -> dict[str, float] | None:
-    """Held-out L0 of ``batchtopk[ema]`` per training budget (tokens, as a JSON key) in this
-    cell, for calibrating ours to it; ``None`` where no such comparison is made."""
-    if config.preset == BENCH_PRESET or architecture != ARCHITECTURE:
+    """Held-out L0 of the built-in's ``[ema]`` row per training budget (tokens, as a JSON key)
+    in this cell, for calibrating ours to it; ``None`` where no such comparison is made."""
+    builtin = _equal_l0_builtin(config, architecture)
+    if builtin is None:
         return None
     return {
         str(row["training_tokens"]): row["l0_mean"]
         for row in rows
-        if row["label"] == "batchtopk[ema]" and row["k"] == k and row["d_sae"] == d_sae
+        if row["label"] == f"{builtin}[ema]" and row["k"] == k and row["d_sae"] == d_sae
     }
 
 
 def _runs(config: BenchConfig) -> Iterator[tuple[str, str | None]]:
     """(architecture, aux variant) pairs to train; built-ins keep their own aux loss (None).
 
-    The sae-lens-defaults preset has no variants and trains in :data:`PRESET_ARCHITECTURES`
-    order, whatever order ``--architectures`` lists them in.
+    Runs train in :data:`ARCHITECTURES` order (:data:`PRESET_ARCHITECTURES` under the
+    sae-lens-defaults preset, which has no variants), whatever order ``--architectures`` lists
+    them in: a built-in trains before the one of ours calibrated to its L0.
     """
     if config.preset != BENCH_PRESET:
         for architecture in PRESET_ARCHITECTURES:
             if architecture in config.architectures:
                 yield architecture, None
         return
-    for architecture in config.architectures:
+    for architecture in ARCHITECTURES:
+        if architecture not in config.architectures:
+            continue
         if architecture in CALIBRATED_ARCHITECTURES:
             for variant in config.aux_variants:
                 yield architecture, variant
@@ -519,24 +587,27 @@ def _inference_saes(
 ) -> Iterator[tuple[str | None, SAE[Any], dict[str, Any]]]:
     """The deployed form(s) of a trained SAE: ``(method, inference SAE, extra row fields)``.
 
-    ``builtin_l0``: the held-out L0 of the built-in ``batchtopk[ema]`` in the same cell, which
-    ours is also calibrated to under the sae-lens-defaults preset (``None`` otherwise).
+    ``builtin_l0``: the held-out L0 of the built-in's ``[ema]`` row in the same cell, which
+    ours is also calibrated to (:func:`_equal_l0_builtin`; ``None`` otherwise).
     """
     defaults_preset = config.preset != BENCH_PRESET
-    if architecture == "batchtopk":
+    if architecture in ("batchtopk", "matryoshka_batchtopk"):
         yield "ema", CalibratedBatchTopKSAE.from_sae(trained), {}
-        if defaults_preset:  # the built-in's weights, calibrated by us to k
+        if defaults_preset or architecture == "matryoshka_batchtopk":
+            # The built-in's weights, calibrated by us to k.
             converted = CalibratedBatchTopKSAE.from_sae(trained)
             yield "l0", converted, _calibrate(converted, calibration, "l0")
     elif architecture in CALIBRATED_ARCHITECTURES:
         equal_l0: list[tuple[str, SAE[Any], dict[str, Any]]] = []
         failure: dict[str, Any] = {}
-        if builtin_l0 is not None:
+        builtin = _equal_l0_builtin(config, architecture)
+        if builtin_l0 is not None and builtin is not None:
             # First, so that a target ours cannot reach is reported on its [l0] row instead of
             # ending the benchmark.
             try:
                 extra = _calibrate(trained, calibration, "l0", target_l0=builtin_l0)
-                equal_l0.append((EQUAL_L0_METHOD, CalibratedBatchTopKSAE.from_sae(trained), extra))
+                method = equal_l0_method(builtin)
+                equal_l0.append((method, CalibratedBatchTopKSAE.from_sae(trained), extra))
             except CalibrationError as error:
                 failure = {"equal_l0_error": str(error)}
         for method in ("l0",) if defaults_preset else applicable_methods(trained):

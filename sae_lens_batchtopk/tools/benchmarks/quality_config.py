@@ -26,21 +26,36 @@ from sae_lens_batchtopk.calibration import METHODS, check_token_budget
 from sae_lens_batchtopk.runner import make_runner_config
 from sae_lens_batchtopk.saes.calibrated_batchtopk_sae import ARCHITECTURE
 from sae_lens_batchtopk.saes.feature_choice_sae import FEATURE_CHOICE
+from sae_lens_batchtopk.saes.matryoshka_batchtopk_sae import CALIBRATED_MATRYOSHKA
 from sae_lens_batchtopk.tools.benchmarks.activation_cache import CacheSpec
 from sae_lens_batchtopk.tools.benchmarks.command_line import (
     Device,
     check_device,
     check_k,
+    nested_widths,
     one_or_more,
     option_name,
     require_positive,
 )
 from sae_lens_batchtopk.tools.benchmarks.harness import MODEL_NAME
 
-ARCHITECTURES: tuple[str, ...] = ("topk", "batchtopk", "jumprelu", ARCHITECTURE, FEATURE_CHOICE)
+# The bench preset's architectures, in training order: a built-in trains before the one of ours
+# that is calibrated to its L0 (EQUAL_L0_BUILTINS).
+ARCHITECTURES: tuple[str, ...] = (
+    "topk",
+    "batchtopk",
+    "jumprelu",
+    ARCHITECTURE,
+    FEATURE_CHOICE,
+    "matryoshka_batchtopk",
+    CALIBRATED_MATRYOSHKA,
+)
 DEFAULT_ARCHITECTURES: tuple[str, ...] = ("topk", "batchtopk", "jumprelu", ARCHITECTURE)
 # Our architectures train with registered aux losses and export through calibration.
-CALIBRATED_ARCHITECTURES = frozenset({ARCHITECTURE, FEATURE_CHOICE})
+CALIBRATED_ARCHITECTURES = frozenset({ARCHITECTURE, FEATURE_CHOICE, CALIBRATED_MATRYOSHKA})
+MATRYOSHKA_ARCHITECTURES = frozenset({"matryoshka_batchtopk", CALIBRATED_MATRYOSHKA})
+# Matryoshka widths when --matryoshka-widths is not given: these fractions of d_sae.
+DEFAULT_LEVEL_FRACTIONS: tuple[float, ...] = (1 / 8, 1 / 4, 1 / 2)
 # Aux coefficient of every registered loss in a variant (Gao et al.'s 1/32).
 AUX_COEFFICIENT = 1 / 32
 DEFAULT_HOOK = "blocks.3.hook_resid_post"
@@ -105,9 +120,14 @@ class BenchConfig:
     device: Device = "cpu"
     """Where the SAEs train and the model runs."""
     architectures: tuple[str, ...] = one_or_more(metavar="ARCH")
-    """Subset of topk, batchtopk, jumprelu, calibrated_batchtopk, feature_choice (default: all
-    but feature_choice); with --preset sae-lens-defaults, of topk, batchtopk,
-    calibrated_batchtopk (default: all three)."""
+    """Subset of topk, batchtopk, jumprelu, calibrated_batchtopk, feature_choice,
+    matryoshka_batchtopk, calibrated_matryoshka_batchtopk (default: the first four), trained
+    in that order; with --preset sae-lens-defaults, of topk, batchtopk, calibrated_batchtopk
+    (default: all three)."""
+    matryoshka_widths: tuple[int, ...] = one_or_more(metavar="WIDTH")
+    """Level widths of the Matryoshka architectures (strictly increasing; d_sae is appended
+    when the last is below it); default d_sae/8, d_sae/4, d_sae/2, d_sae. With a Matryoshka
+    architecture, every run is also evaluated per level (bench preset)."""
     aux_variants: tuple[str, ...] = one_or_more("auxk", metavar="VARIANT")
     """Aux-loss sets calibrated_batchtopk and feature_choice train with, one run each: 'none',
     a registered loss, or '+'-joined losses (auxk zipf auxk+zipf none), each at coefficient
@@ -156,6 +176,11 @@ class BenchConfig:
                 f"--architectures: {unknown} not available with --preset {self.preset};"
                 f" choose from {allowed}"
             )
+        if self.matryoshka_widths and not MATRYOSHKA_ARCHITECTURES & set(self.architectures):
+            raise ValueError(
+                "--matryoshka-widths: no Matryoshka architecture in --architectures (add"
+                f" {' or '.join(sorted(MATRYOSHKA_ARCHITECTURES))})"
+            )
         ours_alone = ARCHITECTURE in self.architectures and "batchtopk" not in self.architectures
         if self.preset != BENCH_PRESET and ours_alone:
             raise ValueError(
@@ -174,6 +199,7 @@ class BenchConfig:
         for d_sae in self.d_sae:
             if d_sae <= 0:
                 raise ValueError(f"--d-sae must be positive, got {d_sae}")
+            self.level_widths(d_sae)
             for k in self.k:
                 check_k(k, d_sae)
                 if "topk" in self.architectures and k != int(k):
@@ -236,6 +262,18 @@ class BenchConfig:
                 f"--snapshot-tokens {list(self.snapshot_tokens)}: two values fall in the same"
                 f" training batch of {self.training_batch_size} tokens"
             )
+
+    def level_widths(self, d_sae: int) -> list[int] | None:
+        """The Matryoshka level widths at ``d_sae``; ``None`` without a Matryoshka architecture.
+
+        Defaults to :data:`DEFAULT_LEVEL_FRACTIONS` of ``d_sae`` (576/1152/2304/4608 at 4608).
+        """
+        if not MATRYOSHKA_ARCHITECTURES & set(self.architectures):
+            return None
+        widths = self.matryoshka_widths or tuple(
+            int(d_sae * fraction) for fraction in DEFAULT_LEVEL_FRACTIONS
+        )
+        return nested_widths(widths, d_sae)
 
     @property
     def training_batch_size(self) -> int:
@@ -305,6 +343,11 @@ def recorded_settings(config: BenchConfig) -> dict[str, Any]:
     settings["total_training_tokens"] = config.total_training_tokens
     if config.preset == BENCH_PRESET:
         settings["dead_window_steps"] = config.dead_window_steps
+        if MATRYOSHKA_ARCHITECTURES & set(config.architectures):
+            # Every run is evaluated per level then: its stored rows depend on the widths.
+            settings["matryoshka_levels"] = {
+                str(d_sae): config.level_widths(d_sae) for d_sae in config.d_sae
+            }
         return settings
     for name in BENCH_PRESET_FIELDS:
         del settings[name]
@@ -398,7 +441,7 @@ def runner_config_for(
 ) -> LanguageModelSAERunnerConfig[Any]:
     """The SAELens runner config of one run: what the preset sets, SAELens's defaults else."""
     if config.preset == BENCH_PRESET:
-        sae_options = _bench_sae_options(architecture, k, config, aux_variant)
+        sae_options = _bench_sae_options(architecture, k, d_sae, config, aux_variant)
     else:
         # SAELens's own config for the architecture: only the shape and k are set.
         sae_options = {"k": int(k) if architecture == "topk" else float(k)}
@@ -412,13 +455,19 @@ def runner_config_for(
 
 
 def _bench_sae_options(
-    architecture: str, k: float, config: BenchConfig, aux_variant: str | None
+    architecture: str, k: float, d_sae: int, config: BenchConfig, aux_variant: str | None
 ) -> dict[str, Any]:
-    """The bench preset's SAE options: the same normalisation for all, k in each one's form."""
+    """The bench preset's SAE options: the same normalisation for all, k in each one's form.
+
+    Both Matryoshka architectures nest at :meth:`BenchConfig.level_widths` and keep SAELens's
+    default aux setting (AuxK on the whole SAE's residual, no ``use_matryoshka_aux_loss``).
+    """
     options: dict[str, Any] = {"normalize_activations": "expected_average_only_in"}
+    if architecture in MATRYOSHKA_ARCHITECTURES:
+        options["matryoshka_widths"] = config.level_widths(d_sae)
     if architecture == "topk":
         options["k"] = int(k)
-    elif architecture == "batchtopk":
+    elif architecture in ("batchtopk", "matryoshka_batchtopk"):
         options["k"] = float(k)
     elif architecture == "jumprelu":
         options.update(

@@ -19,6 +19,7 @@ from matplotlib.ticker import FuncFormatter, NullFormatter
 
 from sae_lens_batchtopk.saes.calibrated_batchtopk_sae import ARCHITECTURE
 from sae_lens_batchtopk.tools.benchmarks.harness import (
+    L0_PERCENTILES,
     Column,
     OutputFiles,
     markdown_table,
@@ -31,26 +32,35 @@ FILES = OutputFiles(
 # Held-out L0s within this relative distance count as equal for the verdict. Calibrating to a
 # target on the calibration split lands about half a percent off it on held-out tokens.
 EQUAL_L0_TOLERANCE = 0.01
+
+
+def equal_l0_method(builtin: str) -> str:
+    """The method label of ours calibrated to the held-out L0 of SAELens's ``builtin``."""
+    return f"l0@{builtin}"
+
+
 # Label of ours calibrated to the built-in batchtopk's held-out L0.
-EQUAL_L0_METHOD = "l0@batchtopk"
-
-
-def _l0_percentiles(row: Mapping[str, Any]) -> str:
-    return f"{row['l0_p5']:.0f}/{row['l0_p50']:.0f}/{row['l0_p95']:.0f}"
+EQUAL_L0_METHOD = equal_l0_method("batchtopk")
 
 
 def _tokens_cell(row: Mapping[str, Any]) -> str:
     return f"{row['training_tokens']:,}" + (" (snapshot)" if row.get("snapshot") else "")
 
 
+def _level_nmse(row: Mapping[str, Any]) -> str:
+    levels = row.get("level_nmse")
+    return "-" if levels is None else "/".join(f"{nmse:.4f}" for nmse in levels)
+
+
 HOOK_COLUMN: Column = ("hook", "hook", "`{}`")
+LEVEL_COLUMN: Column = ("NMSE per level", _level_nmse, "")
 # The bench preset's per-SAE table.
 TABLE_COLUMNS: tuple[Column, ...] = (
     ("run", "label", "{}"),
     ("k", "k", "{:g}"),
     ("d_sae", "d_sae", "{}"),
     ("L0 mean", "l0_mean", "{:.2f}"),
-    ("L0 p5/p50/p95", _l0_percentiles, ""),
+    L0_PERCENTILES,
     ("L0 vs k", "l0_deviation", "{:+.1%}"),
     ("NMSE", "nmse", "{:.4f}"),
     ("expl. var.", "explained_variance", "{:.4f}"),
@@ -68,7 +78,7 @@ PRESET_TABLE_COLUMNS: tuple[Column, ...] = (
     ("d_sae", "d_sae", "{}"),
     ("training tokens", _tokens_cell, ""),
     ("L0 mean", "l0_mean", "{:.2f}"),
-    ("L0 p5/p50/p95", _l0_percentiles, ""),
+    L0_PERCENTILES,
     ("L0 vs k", "l0_deviation", "{:+.1%}"),
     ("NMSE", "nmse", "{:.4f}"),
     ("CE score", "ce_loss_score", "{:.4f}"),
@@ -118,10 +128,14 @@ def quality_table(
 ) -> str:
     """One line per row; runs that share a training run share tok/s and memory.
 
-    Rows from several hooks (a combined benchmark) get a hook column if ``columns`` lacks one.
+    Rows from several hooks (a combined benchmark) get a hook column if ``columns`` lacks one;
+    rows evaluated per Matryoshka level get their per-level NMSE after the NMSE column.
     """
     if HOOK_COLUMN not in columns and len({row.get("hook") for row in rows}) > 1:
         columns = (HOOK_COLUMN, *columns)
+    if any("level_nmse" in row for row in rows):
+        after = next(i for i, column in enumerate(columns) if column[1] == "nmse") + 1
+        columns = (*columns[:after], LEVEL_COLUMN, *columns[after:])
     return markdown_table(rows, columns)
 
 
@@ -279,6 +293,7 @@ def benchmarks_section(results: Mapping[str, Any]) -> str:
             f" ({settings['epochs']} epoch(s) of {settings['train_tokens']:,}),"
             f" batch {settings['batch_size']}, Adam lr {settings['lr']:g} (cosine to lr/10),"
             + evaluation,
+            *_levels_note(settings),
             "",
             quality_table(results["rows"]),
             "",
@@ -286,6 +301,23 @@ def benchmarks_section(results: Mapping[str, Any]) -> str:
             "",
         ]
     )
+
+
+def _levels_note(settings: Mapping[str, Any]) -> list[str]:
+    """What the per-level NMSE column means, with the widths, when the run has one."""
+    levels = settings.get("matryoshka_levels")
+    if not levels:
+        return []
+    widths = "; ".join(f"d_sae {d_sae}: {'/'.join(map(str, w))}" for d_sae, w in levels.items())
+    return [
+        f"- Matryoshka level widths ({widths}), for `matryoshka_batchtopk` and"
+        " `calibrated_matryoshka_batchtopk` alike, each with SAELens's default aux setting (AuxK"
+        ' on the whole SAE\'s residual). "NMSE per level": the reconstruction from the codes of'
+        " the first w latents only, for each width w, for every row (the plain architectures as"
+        " the reference without nesting). `matryoshka_batchtopk[ema]` is SAELens's JumpReLU"
+        " export, `[l0]` the same weights calibrated by us to k; `[l0@matryoshka_batchtopk]` is"
+        " ours calibrated to the `[ema]` row's held-out L0 (equal L0)."
+    ]
 
 
 def _defaults_section(results: Mapping[str, Any], header: list[str], evaluation: str) -> str:

@@ -3,7 +3,11 @@
 Trains, from the same initial weights on the same cached SmolLM2 activations, SAELens's built-in
 ``batchtopk`` (dense), our ``calibrated_batchtopk`` with ``fast_path=False`` (the dense
 reference) and with the fast sparse path, each through SAELens's ``SAETrainer.step`` (so
-optimizer, gradient clipping and dead-latent bookkeeping are timed too). Reported per run:
+optimizer, gradient clipping and dead-latent bookkeeping are timed too). ``--matryoshka-widths``
+times the Matryoshka family instead: SAELens's ``matryoshka_batchtopk`` against our
+``calibrated_matryoshka_batchtopk`` on both paths, nested at those widths, each with SAELens's
+default aux setting (AuxK on the whole SAE's residual) unless ``--use-matryoshka-aux-loss``
+asks both for per-level AuxK. Reported per run:
 tokens/s over the timed steps (after warm-up), the median step time, the speed-up over the
 built-in, peak memory (measured in a fresh process by
 :func:`~sae_lens_batchtopk.tools.benchmarks.harness.probe_peak_memory`), and the fraction of the
@@ -11,7 +15,8 @@ machine's peak matmul throughput the step reaches counting only the work it must
 encoder forward plus the sparse decode/backward). The fast and dense runs of our architecture
 are compared step by step: their MSE curves must agree to float rounding, against a
 step-to-step change that is orders of magnitude larger. Dead latents are declared after
-``--dead-window-steps`` so that every run's AuxK path is exercised and timed. The selection
+``--dead-window-steps`` so that every run's AuxK path is exercised and timed; a window no
+shorter than the run declares none, which times the steps without any aux loss. The selection
 alone is timed too: the fast exact batch top-k against ``torch.topk`` over all
 ``tokens x d_sae`` entries, on the same pre-activations.
 """
@@ -29,7 +34,7 @@ from pathlib import Path
 from typing import Any, TypeVar
 
 import torch
-from simple_parsing import ArgumentParser, field
+from simple_parsing import ArgumentParser, field, flag
 from transformer_lens import HookedTransformer
 
 from sae_lens_batchtopk.runner import make_runner_config
@@ -38,6 +43,7 @@ from sae_lens_batchtopk.saes.calibrated_batchtopk_sae import (
     CalibratedBatchTopKTrainingSAE,
     CalibratedBatchTopKTrainingSAEConfig,
 )
+from sae_lens_batchtopk.saes.matryoshka_batchtopk_sae import CALIBRATED_MATRYOSHKA
 from sae_lens_batchtopk.selection import batch_topk_indices, n_selected
 from sae_lens_batchtopk.tools.benchmarks.activation_cache import CacheSpec
 from sae_lens_batchtopk.tools.benchmarks.command_line import (
@@ -45,6 +51,7 @@ from sae_lens_batchtopk.tools.benchmarks.command_line import (
     check_device,
     check_k,
     command_parser,
+    nested_widths,
     one_or_more,
     parse_command_line,
     require_positive,
@@ -67,16 +74,39 @@ from sae_lens_batchtopk.tools.benchmarks.speed_report import (
     write_speed_outputs,
 )
 
-# Run name -> (architecture, extra SAE options).
-RUNS: dict[str, tuple[str, dict[str, Any]]] = {
-    "batchtopk": ("batchtopk", {}),
-    f"{ARCHITECTURE}/dense": (ARCHITECTURE, {"fast_path": False}),
-    ARCHITECTURE: (ARCHITECTURE, {"fast_path": True}),
-}
-BASELINE = "batchtopk"
-FAST, DENSE = ARCHITECTURE, f"{ARCHITECTURE}/dense"
-
 Result = TypeVar("Result")
+
+
+@dataclass(frozen=True)
+class Family:
+    """Runs timed together: SAELens's built-in (the baseline) and ours on both paths.
+
+    Run names: the baseline's architecture, ours (the fast sparse path) and ``ours/dense``.
+    """
+
+    baseline: str
+    ours: str
+
+    @property
+    def fast(self) -> str:
+        return self.ours
+
+    @property
+    def dense(self) -> str:
+        return f"{self.ours}/dense"
+
+    @property
+    def runs(self) -> dict[str, tuple[str, dict[str, Any]]]:
+        """Run name -> (architecture, extra SAE options), baseline first."""
+        return {
+            self.baseline: (self.baseline, {}),
+            self.dense: (self.ours, {"fast_path": False}),
+            self.fast: (self.ours, {"fast_path": True}),
+        }
+
+
+BATCHTOPK = Family(baseline="batchtopk", ours=ARCHITECTURE)
+MATRYOSHKA = Family(baseline="matryoshka_batchtopk", ours=CALIBRATED_MATRYOSHKA)
 
 
 @dataclass(frozen=True)
@@ -105,9 +135,17 @@ class SpeedConfig:
     """The hook whose cached activations every run trains on."""
     device: Device = "cpu"
     """Where the runs train."""
-    runs: tuple[str, ...] = one_or_more(*RUNS, metavar="RUN")
-    """Runs to time: batchtopk (the baseline), calibrated_batchtopk/dense,
-    calibrated_batchtopk."""
+    runs: tuple[str, ...] = one_or_more(metavar="RUN")
+    """Runs to time (default: all three): batchtopk (the baseline),
+    calibrated_batchtopk/dense, calibrated_batchtopk; with --matryoshka-widths,
+    matryoshka_batchtopk (the baseline), calibrated_matryoshka_batchtopk/dense,
+    calibrated_matryoshka_batchtopk."""
+    matryoshka_widths: tuple[int, ...] = one_or_more(metavar="WIDTH")
+    """Time the Matryoshka family, nested at these widths (strictly increasing; d_sae is
+    appended when the last is below it), e.g. 512 2048 8192 16384."""
+    use_matryoshka_aux_loss: bool = flag(False, negative_prefix="--no-")
+    """With --matryoshka-widths: per-level AuxK for every run (SAELens's
+    use_matryoshka_aux_loss; off by default there, and costlier: one aux decode per level)."""
     seed: int = 42
     """Seed of the batches and of every run's initial weights."""
     cache_dir: Path | None = None
@@ -119,12 +157,28 @@ class SpeedConfig:
     model_name: str = field(default=MODEL_NAME, cmd=False)
     """The model's label in the cache key."""
 
+    def __post_init__(self) -> None:
+        if not self.runs:
+            object.__setattr__(self, "runs", tuple(self.family.runs))
+
+    @property
+    def family(self) -> Family:
+        """The Matryoshka family when widths are given, plain BatchTopK otherwise."""
+        return MATRYOSHKA if self.matryoshka_widths else BATCHTOPK
+
     def validate(self) -> None:
         """Reject bad settings before any work, naming the command-line option at fault."""
-        unknown = sorted(set(self.runs) - set(RUNS))
-        if unknown or not self.runs:
-            raise ValueError(f"--runs: unknown {unknown}; choose from {list(RUNS)}")
+        unknown = sorted(set(self.runs) - set(self.family.runs))
+        if unknown:
+            raise ValueError(
+                f"--runs: unknown {unknown}; choose from {list(self.family.runs)}"
+                f" (--matryoshka-widths times {list(MATRYOSHKA.runs)})"
+            )
         require_positive(self, ("d_sae", "batch_size", "steps", "dead_window_steps"))
+        if self.matryoshka_widths:
+            nested_widths(self.matryoshka_widths, self.d_sae)
+        elif self.use_matryoshka_aux_loss:
+            raise ValueError("--use-matryoshka-aux-loss needs --matryoshka-widths")
         if self.warmup_steps < 0:
             raise ValueError(f"--warmup-steps must be >= 0, got {self.warmup_steps}")
         check_k(self.k, self.d_sae)
@@ -134,6 +188,15 @@ class SpeedConfig:
     @property
     def total_steps(self) -> int:
         return self.warmup_steps + self.steps
+
+    def family_options(self) -> dict[str, Any]:
+        """The SAE options every run of the family shares (the nesting of Matryoshka runs)."""
+        if not self.matryoshka_widths:
+            return {}
+        return {
+            "matryoshka_widths": nested_widths(self.matryoshka_widths, self.d_sae),
+            "use_matryoshka_aux_loss": self.use_matryoshka_aux_loss,
+        }
 
     def cache_spec(self) -> CacheSpec:
         """Just enough tokens for every step; the other splits are token-sized placeholders."""
@@ -163,7 +226,8 @@ def build_parser() -> ArgumentParser:
     return command_parser(
         "sae-batchtopk bench-speed",
         "Training-step throughput of calibrated_batchtopk (sparse fast path and dense"
-        " reference) against SAELens's built-in batchtopk, on the same cached activations.",
+        " reference) against SAELens's built-in batchtopk, or of the Matryoshka variants"
+        " (--matryoshka-widths), on the same cached activations.",
         SpeedConfig,
     )
 
@@ -200,16 +264,18 @@ def run_speed_benchmark(
             "cache_dir": str(config.cache_dir) if config.cache_dir else None,
             "output": str(config.output),
             "d_in": cache.d_in,
+            "matryoshka_levels": config.family_options().get("matryoshka_widths"),
         },
         "machine": machine_info(),
         "date": utc_now(),
         "command": command,
         "peak_matmul_flops": peak_matmul_flops(config.device),
         "selection": time_selection(config, batches[0] * train_stats[0]),
+        "baseline": config.family.baseline,
         "runs": runs,
-        "curve_match": curve_match(runs),
+        "curve_match": curve_match(runs, config.family),
     }
-    speedups = speed_ups(runs)
+    speedups = speed_ups(runs, config.family.baseline)
     for name, run in runs.items():
         run["fraction_of_peak"] = run["required_flops_per_s"] / results["peak_matmul_flops"]
         if name in speedups:
@@ -225,7 +291,7 @@ def time_training_steps(
     train_stats: tuple[float, torch.Tensor],
 ) -> dict[str, Any]:
     """Train one run for ``config.total_steps`` steps; time each; record its MSE curve."""
-    architecture, extra = RUNS[name]
+    architecture, extra = config.family.runs[name]
     runner_config = make_runner_config(
         architecture,
         d_in=batches[0].shape[-1],
@@ -233,9 +299,10 @@ def time_training_steps(
         k=config.k,
         normalize_activations="expected_average_only_in",
         **extra,
+        **config.family_options(),
         **(
             {"dead_tokens_window": config.dead_window_steps * config.batch_size}
-            if architecture == ARCHITECTURE
+            if architecture == config.family.ours
             else {}
         ),
         training_tokens=config.total_steps * config.batch_size,
@@ -286,12 +353,12 @@ def throughput(step_seconds: Sequence[float], batch_size: int) -> dict[str, floa
     }
 
 
-def speed_ups(runs: Mapping[str, Mapping[str, Any]]) -> dict[str, float]:
-    """Each run's tokens/s over the baseline's (SAELens's built-in batchtopk); none without it."""
-    if BASELINE not in runs:
+def speed_ups(runs: Mapping[str, Mapping[str, Any]], baseline: str) -> dict[str, float]:
+    """Each run's tokens/s over the ``baseline`` run's (SAELens's built-in); none without it."""
+    if baseline not in runs:
         return {}
-    baseline = runs[BASELINE]["tokens_per_s"]
-    return {name: run["tokens_per_s"] / baseline for name, run in runs.items()}
+    baseline_speed = runs[baseline]["tokens_per_s"]
+    return {name: run["tokens_per_s"] / baseline_speed for name, run in runs.items()}
 
 
 def time_selection(config: SpeedConfig, sae_in: torch.Tensor, repeats: int = 5) -> dict[str, Any]:
@@ -324,16 +391,16 @@ def time_selection(config: SpeedConfig, sae_in: torch.Tensor, repeats: int = 5) 
     }
 
 
-def curve_match(runs: Mapping[str, Mapping[str, Any]]) -> dict[str, float] | None:
+def curve_match(runs: Mapping[str, Mapping[str, Any]], family: Family) -> dict[str, float] | None:
     """How far the fast path's MSE curve is from the dense path's, against the curve's noise.
 
     ``max_relative_difference``: largest ``|fast - dense| / dense`` over steps.
     ``step_to_step_change``: median ``|mse[t+1] - mse[t]| / mse[t]`` of the dense curve, the
     scale a real difference in training would have to exceed.
     """
-    if FAST not in runs or DENSE not in runs:
+    if family.fast not in runs or family.dense not in runs:
         return None
-    fast, dense = runs[FAST]["mse_loss"], runs[DENSE]["mse_loss"]
+    fast, dense = runs[family.fast]["mse_loss"], runs[family.dense]["mse_loss"]
     changes = [abs(b - a) / a for a, b in itertools.pairwise(dense)]
     return {
         "max_relative_difference": max(

@@ -26,24 +26,48 @@ FILES = OutputFiles(
     section="BENCHMARKS_speed_section.md",
 )
 
-RUN_COLUMNS: tuple[Column, ...] = (
-    ("run", "run", "{}"),
-    ("path", lambda run: "sparse" if run["fast_path"] else "dense", ""),
-    ("tokens/s", "tokens_per_s", "{:,.0f}"),
-    ("speed-up vs batchtopk", "speedup", "{:.2f}x"),
-    ("median step (s)", "median_step_s", "{:.3f}"),
-    ("peak MB", "peak_memory_mb", "{:,.0f}"),
-    ("fraction of peak matmul", "fraction_of_peak", "{:.1%}"),
-    ("final MSE", lambda run: f"{run['mse_loss'][-1]:.4f}", ""),
-    ("dead at end", "dead_fraction_end", "{:.1%}"),
-)
+
+def run_columns(baseline: str) -> tuple[Column, ...]:
+    """The per-run table's columns; speed-ups are over ``baseline``, SAELens's built-in."""
+    return (
+        ("run", "run", "{}"),
+        ("path", lambda run: "sparse" if run["fast_path"] else "dense", ""),
+        ("tokens/s", "tokens_per_s", "{:,.0f}"),
+        (f"speed-up vs {baseline}", "speedup", "{:.2f}x"),
+        ("median step (s)", "median_step_s", "{:.3f}"),
+        ("peak MB", "peak_memory_mb", "{:,.0f}"),
+        ("fraction of peak matmul", "fraction_of_peak", "{:.1%}"),
+        ("final MSE", lambda run: f"{run['mse_loss'][-1]:.4f}", ""),
+        ("dead at end", "dead_fraction_end", "{:.1%}"),
+    )
 
 
 def speed_table(results: Mapping[str, Any]) -> str:
     """One line per run: throughput, speed-up, step time, memory, fraction of peak, final MSE."""
     return markdown_table(
-        [{"run": name, **run} for name, run in results["runs"].items()], RUN_COLUMNS
+        [{"run": name, **run} for name, run in results["runs"].items()],
+        run_columns(results["baseline"]),
     )
+
+
+def aux_setting(settings: Mapping[str, Any]) -> str:
+    """Which aux losses the timed steps ran: the family's setting, and whether any latent died.
+
+    SAELens and ours count a latent dead once it has been idle for more than the window, so a
+    window no shorter than the run declares none and no aux loss runs at all.
+    """
+    if settings["matryoshka_widths"]:
+        rule = (
+            "per-level AuxK (`use_matryoshka_aux_loss`)"
+            if settings["use_matryoshka_aux_loss"]
+            else "AuxK on the whole SAE's residual (SAELens's default, no per-level AuxK)"
+        )
+    else:
+        rule = "AuxK"
+    window, steps = settings["dead_window_steps"], settings["warmup_steps"] + settings["steps"]
+    if window < steps:
+        return f"{rule} active (dead after {window} idle steps)"
+    return f"{rule} never runs: no latent can be dead (window {window} steps, run {steps} steps)"
 
 
 def loss_curves_figure(results: Mapping[str, Any]) -> Figure:
@@ -66,15 +90,16 @@ def benchmarks_section(results: Mapping[str, Any]) -> str:
     settings = results["settings"]
     match = results["curve_match"]
     peak = f"; measured peak float32 matmul {results['peak_matmul_flops'] / 1e9:,.0f} GFLOP/s"
+    levels = settings["matryoshka_levels"]
+    nesting = f", Matryoshka widths {'/'.join(map(str, levels))}" if levels else ""
     lines = [
-        f"## Training-step speed, {results['date'][:10]}",
+        f"## Training-step speed vs SAELens's `{results['baseline']}`, {results['date'][:10]}",
         "",
         *section_header(results, "run_speed_benchmark", machine_note=peak),
-        f"- d_in {settings['d_in']}, d_sae {settings['d_sae']}, k {settings['k']:g}, batch"
-        f" {settings['batch_size']} tokens, {settings['steps']} timed steps after"
+        f"- d_in {settings['d_in']}, d_sae {settings['d_sae']}{nesting}, k {settings['k']:g},"
+        f" batch {settings['batch_size']} tokens, {settings['steps']} timed steps after"
         f" {settings['warmup_steps']} warm-up steps, same initial weights and batches (real"
-        f" SmolLM2 activations, `{settings['hook_name']}`); AuxK active (dead after"
-        f" {settings['dead_window_steps']} idle steps).",
+        f" SmolLM2 activations, `{settings['hook_name']}`); {aux_setting(settings)}.",
         "",
         speed_table(results),
         "",
