@@ -69,7 +69,8 @@ class SparseLayout:
         ascend and every sum over them runs in a fixed order (reproducible gradients). The
         starts have ``d_sae + 1`` entries (CSR row pointers of the transposed matrix).
         """
-        order = torch.argsort(self.latent_idx, stable=True)
+        # int32 keys sort about twice as fast as int64 ones.
+        order = torch.argsort(self.latent_idx.to(torch.int32), stable=True)
         starts = _run_starts(self.latent_idx[order], self.d_sae + 1)
         return order, self.token_idx[order], starts
 

@@ -47,7 +47,12 @@ from sae_lens_batchtopk.selection import (
     threshold_activation,
     zipf_weights,
 )
-from sae_lens_batchtopk.sparse_step import SparseStepWeights, reconstruct_dense, sparse_forward
+from sae_lens_batchtopk.sparse_step import (
+    SparseStepWeights,
+    matmul_dtype,
+    reconstruct_dense,
+    sparse_forward,
+)
 from sae_lens_batchtopk.validation import (
     check_average_l0,
     check_choice,
@@ -543,6 +548,7 @@ class CalibratedBatchTopKTrainingSAE(_Thresholds, TopKTrainingSAE):
         # SAELens's trainer mask of the last step (dead_tokens_window=None); not state: the
         # trainer saves and resumes its own counters.
         self._trainer_dead_mask: torch.Tensor | None = None
+        self._preactivations: torch.Tensor | None = None  # see _preactivation_buffer
         self.register_buffer(
             "threshold", torch.full((cfg.d_sae,), torch.nan, dtype=self.dtype, device=device)
         )
@@ -706,6 +712,24 @@ class CalibratedBatchTopKTrainingSAE(_Thresholds, TopKTrainingSAE):
             return f"aux losses {dense_only} are not registered as sparse_ready"
         return None
 
+    def _preactivation_buffer(
+        self, sae_in: torch.Tensor, weights: SparseStepWeights
+    ) -> torch.Tensor | None:
+        """The ``tokens x d_sae`` tensor the sparse step writes its pre-activations into.
+
+        Kept between steps on a CPU, where a fresh allocation of that size is page-faulted in
+        on every step; the pre-activations are only read during the forward pass, so the next
+        step may overwrite them. ``None`` elsewhere (CUDA's caching allocator reuses memory).
+        """
+        if sae_in.device.type != "cpu":
+            return None
+        shape = (sae_in.shape[0], self.cfg.d_sae)
+        dtype = matmul_dtype(sae_in, weights)
+        buffer = self._preactivations
+        if buffer is None or buffer.shape != shape or buffer.dtype != dtype:
+            buffer = self._preactivations = torch.empty(shape, dtype=dtype)
+        return buffer
+
     def _sparse_training_forward_pass(self, step_input: TrainStepInput) -> TrainStepOutput:
         """The dense training pass's losses, computed on the selected entries only.
 
@@ -715,7 +739,10 @@ class CalibratedBatchTopKTrainingSAE(_Thresholds, TopKTrainingSAE):
         """
         # A constant: its one parameter, b_dec, is the step weights' input bias (step_weights).
         sae_in = self.process_sae_in(step_input.sae_in).detach()
-        forward = sparse_forward(sae_in, self.step_weights(), self.select_indices)
+        weights = self.step_weights()
+        forward = sparse_forward(
+            sae_in, weights, self.select_indices, out=self._preactivation_buffer(sae_in, weights)
+        )
         sae_out = self.hook_sae_recons(forward.reconstruction + self.b_dec)
         sae_out = self.run_time_activation_norm_fn_out(sae_out)
         sae_out = self.reshape_fn_out(sae_out, self.d_head)
