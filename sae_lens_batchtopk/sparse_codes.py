@@ -70,9 +70,8 @@ class SparseLayout:
         starts have ``d_sae + 1`` entries (CSR row pointers of the transposed matrix).
         """
         # int32 keys sort about twice as fast as int64 ones.
-        order = torch.argsort(self.latent_idx.to(torch.int32), stable=True)
-        starts = _run_starts(self.latent_idx[order], self.d_sae + 1)
-        return order, self.token_idx[order], starts
+        latents, order = torch.sort(self.latent_idx.to(torch.int32), stable=True)
+        return order, self.token_idx[order], _run_starts(latents, self.d_sae + 1)
 
 
 @dataclass(frozen=True)
@@ -265,12 +264,14 @@ def _entry_dots(layout: SparseLayout, rows: torch.Tensor, table: torch.Tensor) -
     """
     acc_table = _accumulating(table, table.dtype)
     order, tokens, starts = layout.by_latent
+    # 32-bit indices whenever they fit: every sparse backend (cuSPARSE included) takes them.
+    index_dtype = torch.int32 if tokens.numel() < 2**31 else torch.int64
     with warnings.catch_warnings():
         # torch flags sparse CSR as beta on first use; the pattern below is valid by build.
         warnings.filterwarnings("ignore", "Sparse CSR tensor support is in beta state")
         pattern = torch.sparse_csr_tensor(
-            starts,
-            tokens,
+            starts.to(index_dtype),
+            tokens.to(index_dtype),
             acc_table.new_ones(tokens.numel()),
             (layout.d_sae, layout.n_tokens),
             check_invariants=False,
