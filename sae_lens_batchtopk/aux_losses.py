@@ -18,6 +18,8 @@ from typing import Literal
 
 import torch
 
+from sae_lens_batchtopk.selection import per_token_topk_indices
+
 
 def batch_variance(rows: torch.Tensor) -> torch.Tensor:
     """``mean_t ||v_t - mean(v)||²``: total variance of a batch of vectors."""
@@ -178,27 +180,22 @@ def masked_residual_loss(
     ``units="main_loss"`` scales the error by ``Var(x) / Var(e)`` (Gao et al.'s ratio to the
     main loss); ``"squared_error"`` returns the plain ``mean_t ||ê_t - e_t||²``.
     """
-    candidates = mask.nonzero().squeeze(1)
-    if candidates.numel() == 0:
+    columns = mask.nonzero().squeeze(1)
+    if columns.numel() == 0:
         return inputs.sae_out.new_zeros(())
-    k_aux = min(inputs.k_aux, candidates.numel())
     with torch.no_grad():
-        flat_pre = inputs.hidden_pre.reshape(-1, inputs.hidden_pre.shape[-1])
-        top = flat_pre[:, candidates].topk(k_aux, dim=-1, sorted=False)
-        token_idx = torch.arange(flat_pre.shape[0], device=flat_pre.device)
-        token_idx = token_idx.repeat_interleave(k_aux)
-        latent_idx = candidates[top.indices.flatten()]
-        positive = top.values.flatten() > 0  # relu: the rest decode to, and train, nothing
-    aux_recon = inputs.reconstruct_selected(token_idx[positive], latent_idx[positive])
+        flat_pre = inputs.hidden_pre.detach().reshape(-1, inputs.hidden_pre.shape[-1])
+        token_idx, latent_idx = per_token_topk_indices(flat_pre, columns, inputs.k_aux)
+    aux_recon = inputs.reconstruct_selected(token_idx, latent_idx)
     residual = (inputs.sae_in - inputs.sae_out).detach()
     flat_residual = residual.reshape(-1, residual.shape[-1])
     error = (aux_recon.reshape_as(flat_residual) - flat_residual).pow(2).sum(-1).mean()
     if units == "squared_error":
         return error
     variance = inputs.variance(flat_residual)
-    scale = inputs.variance(inputs.sae_in.reshape_as(flat_residual).detach()) / variance.clamp_min(
-        1e-30
-    )
+    # In the residual's dtype: bfloat16 inputs would round the variance by up to 0.4 %.
+    flat_in = inputs.sae_in.detach().reshape_as(flat_residual).to(flat_residual.dtype)
+    scale = inputs.variance(flat_in) / variance.clamp_min(1e-30)
     return torch.where(variance > 0, error * scale, error.new_zeros(()))
 
 

@@ -14,6 +14,8 @@ import torch
 
 # Entries of the strided sample the fast batch top-k estimates its candidate threshold from.
 _THRESHOLD_SAMPLE_SIZE = 1 << 16
+# Columns per token the fast per-token top-k estimates each token's floor from.
+_TOKEN_SAMPLE_SIZE = 512
 
 
 def n_selected(k: float, n_tokens: int) -> int:
@@ -30,76 +32,81 @@ def batch_topk(hidden_pre: torch.Tensor, k: float) -> torch.Tensor:
 
     Tokens get variable numbers of latents: the budget is shared by every token of the batch
     (all leading dimensions), not allotted per token as in TopK. When fewer than ``n * k``
-    pre-activations are positive, every positive one is kept (the rest of the budget selects
-    zeros). Among tied values the choice is whatever ``torch.topk`` picks; the kept values are
-    the same either way. Gradients flow to the kept entries only.
+    pre-activations are positive, every positive one is kept. Ties at the smallest kept value
+    go to the lowest row-major flat indices, so the kept set is a function of the values alone
+    (no backend's tie order): on the coarse bfloat16 grid ties are common, and the fast index
+    form, :func:`batch_topk_indices`, must keep exactly the same entries. Gradients flow to
+    the kept entries only.
     """
     acts = hidden_pre.relu()
-    flat = acts.flatten()
+    flat = acts.detach().flatten()
     n_keep = min(n_selected(k, acts.shape[:-1].numel()), flat.numel())
-    if n_keep == 0:
-        return torch.zeros_like(acts)
-    top = flat.topk(n_keep, sorted=False)
-    return torch.zeros_like(flat).scatter(0, top.indices, top.values).view_as(acts)
+    keep = largest_mask(flat, n_keep) & (flat > 0)
+    return torch.where(keep.view_as(acts), acts, 0.0)
+
+
+def largest_mask(values: torch.Tensor, n_keep: int) -> torch.Tensor:
+    """Mask of the ``n_keep`` largest entries of a 1-D tensor; ties go to the lowest indices.
+
+    The tie rule makes the result depend on the values and their order only, so a selection
+    computed from a subset of candidates (kept in ascending index order) equals this one on
+    the whole tensor whenever every entry tied with the cut-off is among the candidates.
+    """
+    if n_keep >= values.numel():
+        return torch.ones_like(values, dtype=torch.bool)
+    if n_keep <= 0:
+        return torch.zeros_like(values, dtype=torch.bool)
+    cutoff = values.kthvalue(values.numel() - n_keep + 1).values
+    keep = values > cutoff
+    tied = (values == cutoff).nonzero().squeeze(1)
+    keep[tied[: n_keep - int(keep.sum())]] = True
+    return keep
 
 
 def batch_topk_indices(hidden_pre: torch.Tensor, k: float, *, fast: bool = True) -> torch.Tensor:
-    """Row-major flat indices of the positive entries :func:`batch_topk` keeps, ascending.
+    """Row-major flat indices of the entries :func:`batch_topk` keeps, ascending.
 
-    The sparse form of the same selection: ``batch_topk(h, k).flatten()`` is non-zero exactly
-    at these indices (up to the choice among tied values). Ascending order groups the indices
-    by token, the layout the sparse decoder needs.
+    The sparse form of the same selection, ties included: ``batch_topk(h, k).flatten()`` is
+    non-zero exactly at these indices. Ascending order groups the indices by token, the layout
+    the sparse decoder needs.
 
-    ``fast=True`` avoids ``torch.topk`` over all ``tokens x d_sae`` entries, which on a CPU costs
-    more than the encoder matmul: a threshold estimated from a strided sample keeps about 2.5x
-    the budget as candidates, and the exact top-k runs over those. The result is exact whenever
-    the check passes (at least the budget's worth of candidates, or every positive entry); when
-    it fails, the plain full ``torch.topk`` runs instead. ``hidden_pre`` must be contiguous.
+    The kept entries are chosen among candidates, the entries above a floor. ``fast=True``
+    estimates a floor from a strided sample (:func:`sampled_floor`) that about 2.5x the
+    budget exceed, so the exact selection (:func:`largest_mask`) runs over a few hundred
+    thousand values rather than every ``tokens x d_sae`` entry; ``torch.topk`` over all of them
+    costs more than the encoder matmul on a CPU. The candidates suffice whenever they number
+    at least the budget (then every entry tied with the cut-off is among them) or the floor is
+    0 (then they are every positive entry); when the sample misled, or with ``fast=False``,
+    the candidates are every positive entry. ``hidden_pre`` must be contiguous.
     """
     flat = hidden_pre.reshape(-1)
     n_keep = min(n_selected(k, hidden_pre.shape[:-1].numel()), flat.numel())
     if n_keep == 0:
         return torch.zeros(0, dtype=torch.long, device=flat.device)
-    candidates = _threshold_candidates(flat, n_keep, hidden_pre.shape[-1]) if fast else None
+    candidates = None
+    floor = sampled_floor(flat, n_keep, hidden_pre.shape[-1]) if fast else None
+    if floor is not None:
+        candidates = (flat > floor).nonzero().squeeze(1)
+        if candidates.numel() < n_keep and floor > 0:
+            candidates = None
     if candidates is None:
-        top = flat.topk(n_keep, sorted=False)
-        chosen = top.indices[top.values > 0]
-    elif candidates.numel() > n_keep:
-        chosen = candidates[flat[candidates].topk(n_keep, sorted=False).indices]
-    else:
-        chosen = candidates
-    return chosen.sort().values
-
-
-def _threshold_candidates(flat: torch.Tensor, n_keep: int, d_sae: int) -> torch.Tensor | None:
-    """Indices of the entries above a sampled threshold, or ``None`` if they may miss the top.
-
-    The returned set contains the batch top-k's positive entries when it holds at least
-    ``n_keep`` entries (then the ``n_keep`` largest all lie above the threshold), or when the
-    threshold is 0 (then it holds every positive entry).
-    """
-    floor = sampled_floor(flat, n_keep, d_sae)
-    if floor is None:
-        return None
-    candidates = (flat > floor).nonzero().squeeze(1)
-    if candidates.numel() >= n_keep or floor == 0.0:
-        return candidates
-    return None
+        candidates = (flat > 0).nonzero().squeeze(1)
+    return candidates[largest_mask(flat[candidates], n_keep)]
 
 
 def sampled_floor(flat: torch.Tensor, n_keep: int, d_sae: int) -> float | None:
     """A value (>= 0) that about 2.5x ``n_keep`` entries of ``flat`` exceed, from a sample.
 
-    An estimate, never trusted blindly: callers count the entries above it and fall back to
-    an exhaustive selection when fewer than ``n_keep`` are (the distributed selection agrees on
-    one floor for every process this way). ``None`` when the sample is too small to tell.
-    The sample stride is coprime with ``d_sae`` so that the sample covers every latent, not
-    one residue class of them.
+    An estimate, never trusted blindly: callers count the entries above it and fall back when
+    fewer than ``n_keep`` are (the distributed selection agrees on one floor for every process
+    this way). ``None`` when the sample is too small to tell. The sample
+    stride is coprime with ``d_sae`` so that the sample covers every latent, not one residue
+    class of them.
     """
     sample = flat[:: threshold_sample_stride(flat.numel(), d_sae)]
     expected = n_keep * sample.numel() / flat.numel()
     # Twice the expected count plus four standard deviations: misses are ~never, and the
-    # candidate top-k stays small.
+    # candidate selection stays small.
     n_above = int(2 * expected + 4 * math.sqrt(expected) + 16)
     if n_above >= sample.numel():
         return None
@@ -116,6 +123,137 @@ def threshold_sample_stride(n_entries: int, d_sae: int) -> int:
     while math.gcd(stride, d_sae) != 1:
         stride += 1
     return stride
+
+
+def per_token_topk_indices(
+    hidden_pre: torch.Tensor, columns: torch.Tensor, k: int, *, fast: bool = True
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Each token's ``k`` largest positive entries among ``columns``: AuxK's dead top-k.
+
+    ``hidden_pre`` is ``(n_tokens, d_sae)``, ``columns`` ascending latent indices (the dead or
+    under-used latents). Returns ``(token_idx, latent_idx)`` in ascending (token, latent)
+    order. Ties at a token's smallest kept value go to the lowest latent indices, as in
+    :func:`batch_topk`, so the result depends on the values alone. Only positive entries are
+    returned: AuxK decodes relu'd values, the others would decode to nothing.
+
+    ``fast=False`` is the plain reference: a top-k in every row of the gathered ``tokens x
+    len(columns)`` block. ``fast=True`` selects over candidates instead: a strided sample of
+    the columns gives each token a floor that somewhat more than ``k`` of its entries exceed
+    (about 1.7x at k 288 of 4096 columns), and the exact per-token selection runs over the
+    entries above their token's floor (a compare and a ``nonzero`` over the block, then a
+    top-k over rows a few times shorter). A token's candidates suffice when there are at
+    least ``k`` of them (then every entry tied with its cut-off is among them) or its floor is
+    0 (then they are all its positive entries); the tokens the sample misled, if any, are
+    selected by the reference.
+    """
+    empty = torch.zeros(0, dtype=torch.long, device=hidden_pre.device)
+    if columns.numel() == 0 or k <= 0:
+        return empty, empty
+    block = hidden_pre.index_select(1, columns)
+    floors = _sampled_token_floors(block, k) if fast else None
+    if floors is None:
+        return _per_token_topk_reference(block, columns, k)
+    n_columns = block.shape[1]
+    flat_idx = (block > floors[:, None]).view(-1).nonzero().squeeze(1)
+    token_idx, position = flat_idx // n_columns, flat_idx % n_columns
+    counts = torch.bincount(token_idx, minlength=block.shape[0])
+    keep = _segment_largest_mask(token_idx, block.view(-1)[flat_idx], counts, k)
+    misled = (counts < k) & (floors > 0)
+    if bool(misled.any()):
+        keep &= ~misled[token_idx]
+    kept = keep.nonzero().squeeze(1)
+    token_idx, latent_idx = token_idx[kept], columns[position[kept]]
+    if not bool(misled.any()):
+        return token_idx, latent_idx
+    rows = misled.nonzero().squeeze(1)
+    row_tokens, row_latents = _per_token_topk_reference(block[rows], columns, k)
+    return _merge_by_token((token_idx, latent_idx), (rows[row_tokens], row_latents))
+
+
+def _merge_by_token(
+    first: tuple[torch.Tensor, torch.Tensor], second: tuple[torch.Tensor, torch.Tensor]
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Merge two ``(token_idx, latent_idx)`` lists, each ascending, with disjoint tokens.
+
+    Each entry's place is its own index plus the number of the other list's entries with a
+    smaller token (two ``searchsorted``), so no sort of the whole list is needed.
+    """
+    (first_tokens, first_latents), (second_tokens, second_latents) = first, second
+    total = first_tokens.numel() + second_tokens.numel()
+    tokens, latents = first_tokens.new_empty(total), first_latents.new_empty(total)
+    for own_tokens, own_latents, other_tokens in (
+        (first_tokens, first_latents, second_tokens),
+        (second_tokens, second_latents, first_tokens),
+    ):
+        place = torch.arange(own_tokens.numel(), device=own_tokens.device)
+        place += torch.searchsorted(other_tokens, own_tokens)
+        tokens[place], latents[place] = own_tokens, own_latents
+    return tokens, latents
+
+
+def _sampled_token_floors(block: torch.Tensor, k: int) -> torch.Tensor | None:
+    """Per row of ``block``, a value (>= 0) that somewhat more than ``k`` of its entries exceed.
+
+    From every ``stride``-th column; ``None`` when that sample is too small to tell (few
+    columns, or ``k`` close to their number: then the reference is cheap anyway). The margin
+    (four standard deviations, no factor 2) is smaller than the batch-wide
+    :func:`sampled_floor`'s: a token the sample misleads costs one row of the reference, not a
+    second selection.
+    """
+    n_columns = block.shape[1]
+    sample = block[:, :: max(n_columns // _TOKEN_SAMPLE_SIZE, 1)]
+    expected = k * sample.shape[1] / n_columns
+    n_above = int(expected + 4 * math.sqrt(expected) + 2)
+    if n_above >= sample.shape[1] // 2:
+        return None
+    return sample.topk(n_above + 1, dim=1, sorted=False).values.amin(1).clamp(min=0)
+
+
+def _per_token_topk_reference(
+    block: torch.Tensor, columns: torch.Tensor, k: int
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """:func:`per_token_topk_indices` on the gathered ``(n_tokens, len(columns))`` block."""
+    keep = block > 0
+    if k < block.shape[1]:
+        cutoff = block.topk(k, dim=1, sorted=False).values.amin(1, keepdim=True)
+        above = block > cutoff
+        tied = block == cutoff
+        spare = k - above.sum(1, keepdim=True)
+        keep &= above | (tied & (tied.cumsum(1) <= spare))
+    token_idx, position = keep.nonzero().unbind(1)
+    return token_idx, columns[position]
+
+
+def _segment_largest_mask(
+    segment_idx: torch.Tensor, values: torch.Tensor, counts: torch.Tensor, k: int
+) -> torch.Tensor:
+    """Mask of each segment's ``k`` largest values; ties go to the segment's earliest entries.
+
+    ``segment_idx`` is ascending (entries grouped by segment, e.g. by token) and ``counts[s]``
+    the number of entries of segment ``s``: :func:`largest_mask` per segment, vectorised. The
+    values are laid out in a ``(n_segments, max count)`` matrix padded with ``-inf``, whose
+    row-wise top-k gives each segment's cut-off (``-inf``, keep all, for a segment with fewer
+    than ``k`` entries).
+    """
+    width = int(counts.max()) if counts.numel() else 0
+    if width <= k:
+        return torch.ones_like(values, dtype=torch.bool)
+    starts = counts.cumsum(0) - counts
+    slot = torch.arange(values.numel(), device=values.device) + (
+        segment_idx * width - starts[segment_idx]
+    )
+    padded = values.new_full((counts.numel() * width,), -math.inf)
+    padded[slot] = values
+    top = padded.view(-1, width).topk(k, dim=1, sorted=False).values
+    cutoff = top.amin(1)[segment_idx]
+    keep = values > cutoff
+    tied = (values == cutoff).nonzero().squeeze(1)
+    tied_segments = segment_idx[tied]
+    spare = k - torch.bincount(segment_idx[keep], minlength=counts.numel())
+    rank = torch.arange(tied.numel(), device=values.device)
+    rank -= torch.searchsorted(tied_segments, tied_segments)
+    keep[tied[rank < spare[tied_segments]]] = True
+    return keep
 
 
 def threshold_activation(hidden_pre: torch.Tensor, threshold: torch.Tensor) -> torch.Tensor:

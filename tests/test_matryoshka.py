@@ -179,7 +179,17 @@ def test_decode_nested_matches_dense_reference() -> None:
             )
             codes = SparseCodes(rows, cols, values, n_tokens, d_sae)
             sparse = decode_nested_without_bias(codes, weights, widths)
-            dense = decode_nested_dense_without_bias(codes.to_dense(), weights, widths)
+            # The decoder norms are a constant in the decode (the step's selected values carry
+            # the same norms, so their gradients cancel there): the reference divides by them
+            # detached.
+            dense_acts = codes.to_dense()
+            plain = weights
+            if weights.decoder_scale is not None:
+                dense_acts = dense_acts / weights.decoder_scale.detach()
+                plain = SparseStepWeights.of(
+                    torch.empty(0), torch.empty(0), W_dec, rescale_acts_by_decoder_norm=False
+                )
+            dense = decode_nested_dense_without_bias(dense_acts, plain, widths)
             assert sparse.shape == (len(widths), n_tokens, d_in)
             torch.testing.assert_close(sparse, dense)
             upstream = torch.randn_like(dense)

@@ -1,16 +1,21 @@
 """The fast sparse training path against the plain dense reference.
 
 Selection: the fast exact batch top-k (and Feature Choice's index form) against the plain
-``batch_topk`` / ``feature_choice``, including an input built to defeat the sampled threshold.
-Kernels: ``gather_preactivations`` and ``decode_codes`` against dense autograd, with empty
-tokens and empty selections. SAE: a whole training step on both paths gives the same losses,
+``batch_topk`` / ``feature_choice``, including an input built to defeat the sampled threshold
+and bfloat16 values full of ties. Kernels: ``gather_preactivations`` and ``decode_codes``
+against dense autograd, with empty tokens and empty selections, and in reduced precision
+(float32 accumulation). SAE: a whole training step on both paths gives the same losses,
 gradients and training state, and the sparse one keeps no ``tokens x d_sae`` tensor for backward.
+Reduced precision: under autocast (bfloat16, float16) and with bfloat16 weights the sparse step
+matches a float32 reference, within bfloat16 rounding on random data and to float32 rounding on
+an exact grid. The autocast tests run on CUDA too when it is present.
 """
 
 from __future__ import annotations
 
 import copy
 import warnings
+from functools import partial
 from typing import Any
 
 import pytest
@@ -31,9 +36,23 @@ from sae_lens_batchtopk.selection import (
     batch_topk_indices,
     feature_choice,
     feature_choice_indices,
+    per_token_topk_indices,
     threshold_sample_stride,
 )
 from sae_lens_batchtopk.sparse_codes import SparseCodes, decode_codes, gather_preactivations
+from sae_lens_batchtopk.sparse_step import SparseStepWeights, dense_forward, sparse_forward
+
+DEVICES = [
+    "cpu",
+    pytest.param(
+        "cuda",
+        marks=[
+            pytest.mark.gpu,
+            pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA"),
+        ],
+    ),
+]
+REDUCED = [torch.bfloat16, torch.float16]
 
 
 def dense_from_indices(hidden_pre: torch.Tensor, indices: torch.Tensor) -> torch.Tensor:
@@ -83,12 +102,22 @@ def test_batch_topk_indices_exact_when_the_sample_misleads() -> None:
     )
 
 
-def test_batch_topk_indices_keep_tied_values() -> None:
-    hidden_pre = torch.randint(-3, 4, (400, 512)).float()
-    indices = batch_topk_indices(hidden_pre, 20)
-    kept = hidden_pre.flatten()[indices].sort().values
-    reference = batch_topk(hidden_pre, 20).flatten()
-    assert torch.equal(kept, reference[reference > 0].sort().values)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("grid", ["integers", "bfloat16"])
+@pytest.mark.parametrize("fast", [True, False])
+def test_batch_topk_indices_break_ties_as_the_reference(
+    dtype: torch.dtype, grid: str, fast: bool
+) -> None:
+    # Integers -3..3: the cut-off value is shared by thousands of entries. bfloat16 normals:
+    # 8 significant bits, so a few entries tie at the cut-off in most batches.
+    generator = torch.Generator().manual_seed(3)
+    if grid == "integers":
+        hidden_pre = torch.randint(-3, 4, (400, 512), generator=generator).to(dtype)
+    else:
+        hidden_pre = (torch.randn(1024, 2048, generator=generator) * 3).bfloat16().to(dtype)
+    for k in (20, 7.5):
+        expected = batch_topk(hidden_pre, k).flatten().nonzero().squeeze(1)
+        assert torch.equal(batch_topk_indices(hidden_pre, k, fast=fast), expected)
 
 
 @pytest.mark.parametrize("n_tokens", [1, 40, 300])
@@ -160,6 +189,123 @@ def test_decode_codes_matches_dense(nnz: int) -> None:
     torch.testing.assert_close(W_dec.grad, expected[1])
 
 
+@pytest.mark.parametrize("dtype", REDUCED)
+def test_kernels_accumulate_reduced_precision_in_float32(dtype: torch.dtype) -> None:
+    # Inputs in dtype, outputs in float32: equal to the float64 computation on the same
+    # (rounded) inputs to float32 rounding. Gradients come back in each input's dtype.
+    torch.manual_seed(2)
+    n_tokens, d_in, d_sae = 40, 16, 300
+    rows, cols = random_positions(n_tokens, d_sae, 500, skip_tokens=(4,))
+    sae_in = torch.randn(n_tokens, d_in).to(dtype).requires_grad_()
+    W_enc = torch.randn(d_in, d_sae).to(dtype).requires_grad_()
+    b_enc = torch.randn(d_sae).to(dtype).requires_grad_()
+    W_dec = torch.randn(d_sae, d_in).to(dtype).requires_grad_()
+    upstream = torch.randn(n_tokens, d_in)
+    leaves = (sae_in, W_enc, b_enc, W_dec)
+
+    with torch.no_grad():
+        values = (sae_in.float() @ W_enc.float() + b_enc.float())[rows, cols].to(dtype)
+    exact = [t.detach().double().requires_grad_() for t in leaves]
+    pre = (exact[0] @ exact[1] + exact[2])[rows, cols]
+    pre = pre + (values.double() - pre).detach()  # the rounded values, the exact gradient path
+    dense = SparseCodes(rows, cols, pre, n_tokens, d_sae).to_dense() @ exact[3]
+    (dense * upstream.double()).sum().backward()
+
+    gathered = gather_preactivations(sae_in, W_enc, b_enc, rows, cols, values)
+    decoded = decode_codes(SparseCodes(rows, cols, gathered, n_tokens, d_sae), W_dec)
+    assert gathered.dtype == decoded.dtype == torch.float32
+    torch.testing.assert_close(decoded.double(), dense.detach(), rtol=1e-6, atol=1e-6)
+    (decoded * upstream).sum().backward()
+    for leaf, reference in zip(leaves, exact, strict=True):
+        assert leaf.grad is not None and leaf.grad.dtype == dtype
+        torch.testing.assert_close(leaf.grad, reference.grad.to(dtype))
+
+
+def test_gather_preactivations_sends_the_input_gradient_to_the_input_bias() -> None:
+    # sae_in = x - bias: the bias gets -Σ_t ∂L/∂sae_in[t] through one matrix-vector product.
+    torch.manual_seed(3)
+    n_tokens, d_in, d_sae = 12, 7, 20
+    x = torch.randn(n_tokens, d_in, dtype=torch.float64)
+    bias = torch.randn(d_in, dtype=torch.float64, requires_grad=True)
+    W_enc = torch.randn(d_in, d_sae, dtype=torch.float64, requires_grad=True)
+    b_enc = torch.randn(d_sae, dtype=torch.float64, requires_grad=True)
+    rows, cols = random_positions(n_tokens, d_sae, 57, skip_tokens=(2,))
+    upstream = torch.randn(57, dtype=torch.float64)
+    sae_in = x - bias
+
+    ((sae_in @ W_enc + b_enc)[rows, cols] * upstream).sum().backward()
+    expected = [t.grad.clone() for t in (bias, W_enc, b_enc)]
+    for t in (bias, W_enc, b_enc):
+        t.grad = None
+    values = (sae_in @ W_enc + b_enc).detach()[rows, cols]
+    sparse = gather_preactivations(sae_in, W_enc, b_enc, rows, cols, values, input_bias=bias)
+    (sparse * upstream).sum().backward()
+    for t, grad in zip((bias, W_enc, b_enc), expected, strict=True):
+        torch.testing.assert_close(t.grad, grad)
+
+
+def reference_weights(device: str) -> tuple[dict[str, torch.Tensor], torch.Tensor]:
+    torch.manual_seed(4)
+    params = {
+        "W_enc": torch.randn(64, 2048, device=device) * 0.1,
+        "b_enc": torch.randn(2048, device=device) * 0.1,
+        "W_dec": torch.randn(2048, 64, device=device) * 0.1,
+        "b_dec": torch.randn(64, device=device) * 0.1,
+    }
+    return {name: p.requires_grad_() for name, p in params.items()}, torch.randn(
+        512, 64, device=device
+    ) * 2
+
+
+def step_loss(
+    reconstruction: torch.Tensor, aux: torch.Tensor, x: torch.Tensor, b_dec: torch.Tensor
+) -> torch.Tensor:
+    return ((reconstruction + b_dec - x) ** 2).sum(-1).mean() + (aux**2).sum(-1).mean() / 32
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("dtype", REDUCED)
+def test_sparse_forward_under_autocast_matches_float32_reference(
+    device: str, dtype: torch.dtype
+) -> None:
+    # The reduced-precision encoder matmul selects on rounded values; the float32 reference is
+    # given the same selections (batch top-k and an AuxK-style per-token top-k), so the
+    # losses and gradients differ by the rounding of the matmul alone.
+    params, x = reference_weights(device)
+    weights = SparseStepWeights.of(
+        params["W_enc"],
+        params["b_enc"],
+        params["W_dec"],
+        rescale_acts_by_decoder_norm=True,
+        input_bias=params["b_dec"],
+    )
+    dead = torch.arange(0, 2048, 3, device=device)
+    with torch.autocast(device, dtype=dtype):
+        forward = sparse_forward(x - params["b_dec"], weights, partial(batch_topk_indices, k=8))
+        aux_tokens, aux_latents = per_token_topk_indices(forward.hidden_pre, dead, 16)
+        aux = forward.reconstruct_selected(aux_tokens, aux_latents)
+        loss = step_loss(forward.reconstruction, aux, x, params["b_dec"])
+    assert forward.hidden_pre.dtype == dtype
+    assert forward.reconstruction.dtype == aux.dtype == loss.dtype == torch.float32
+    grads = torch.autograd.grad(loss, list(params.values()))
+
+    codes = forward.codes
+    kept = torch.zeros(512, 2048, dtype=torch.bool, device=device)
+    kept[codes.token_idx, codes.latent_idx] = True
+    reference = dense_forward(x - params["b_dec"], weights, lambda h: torch.where(kept, h, 0))
+    reference_aux = reference.reconstruct_selected(aux_tokens, aux_latents)
+    reference_loss = step_loss(reference.reconstruction, reference_aux, x, params["b_dec"])
+    reference_grads = torch.autograd.grad(reference_loss, list(params.values()))
+
+    # Relative rounding of the matmul: 2^-8 in bfloat16, 2^-11 in float16.
+    tolerance = {"rtol": 1e-2 if dtype == torch.bfloat16 else 2e-3, "atol": 1e-3}
+    torch.testing.assert_close(loss, reference_loss, **tolerance)
+    torch.testing.assert_close(codes.values, reference.feature_acts[kept], **tolerance)
+    bound = 4e-3 if dtype == torch.bfloat16 else 5e-4
+    for grad, expected in zip(grads, reference_grads, strict=True):
+        assert (grad - expected).norm() <= bound * expected.norm()
+
+
 def perturbed_sae(sae_class: type, config_class: type, **options: Any) -> Any:
     torch.manual_seed(0)
     options.setdefault("dead_tokens_window", 1024)
@@ -178,10 +324,13 @@ def step_input_for(sae: Any, x: torch.Tensor) -> TrainStepInput:
     return step_input(sae, x, coefficient=0.5)
 
 
-def training_step(sae: Any, x: torch.Tensor, *, fast: bool) -> dict[str, Any]:
+def training_step(
+    sae: Any, x: torch.Tensor, *, fast: bool, autocast: torch.dtype | None = None
+) -> dict[str, Any]:
     sae = copy.deepcopy(sae)
     sae.cfg.fast_path = fast
-    output = sae.training_forward_pass(step_input_for(sae, x))
+    with torch.autocast(x.device.type, dtype=autocast, enabled=autocast is not None):
+        output = sae.training_forward_pass(step_input_for(sae, x))
     output.loss.backward()
     acts = output.feature_acts
     return {
@@ -197,7 +346,12 @@ def training_step(sae: Any, x: torch.Tensor, *, fast: bool) -> dict[str, Any]:
     }
 
 
-def assert_same_step(fast: dict[str, Any], dense: dict[str, Any], **tolerance: float) -> None:
+def assert_same_step(
+    fast: dict[str, Any],
+    dense: dict[str, Any],
+    grad_tolerance: dict[str, float] | None = None,
+    **tolerance: float,
+) -> None:
     assert fast["sparse"] and not dense["sparse"]
     assert fast["losses"].keys() == dense["losses"].keys()
     for name in dense["losses"]:
@@ -205,7 +359,9 @@ def assert_same_step(fast: dict[str, Any], dense: dict[str, Any], **tolerance: f
     torch.testing.assert_close(fast["sae_out"], dense["sae_out"], **tolerance)
     torch.testing.assert_close(fast["acts"], dense["acts"], **tolerance)
     for name, grad in dense["grads"].items():
-        torch.testing.assert_close(fast["grads"][name], grad, **tolerance)
+        torch.testing.assert_close(
+            fast["grads"][name].to(grad.dtype), grad, **(grad_tolerance or tolerance)
+        )
     for name, value in dense["state"].items():
         torch.testing.assert_close(fast["state"][name], value, **tolerance)
 
@@ -260,6 +416,56 @@ def test_sparse_step_matches_dense_float32() -> None:
     assert_same_step(fast, dense, rtol=1e-4, atol=1e-5)
 
 
+def exact_grid_sae(device: str) -> Any:
+    """An SAE whose pre-activations are exact in bfloat16 and float16, ties and all.
+
+    Inputs, biases and encoder weights are multiples of 1/4 and 1/16 small enough that every
+    pre-activation is a multiple of 1/16 below 8 (8 significant bits suffice), and each
+    decoder row has four entries of ±1/2 (norm exactly 1, so the rescaled pre-activations are
+    the same numbers). A reduced-precision step then selects exactly what the float32 step
+    selects, on a grid full of ties, and the two must agree to float32 rounding.
+    """
+    generator = torch.Generator().manual_seed(5)
+    d_in, d_sae = 16, 512
+    cfg = CalibratedBatchTopKTrainingSAEConfig(
+        d_in=d_in, d_sae=d_sae, k=6, dead_tokens_window=1024, dtype="float32"
+    )
+    sae = CalibratedBatchTopKTrainingSAE(cfg)
+    decoder = torch.zeros(d_sae, d_in)
+    columns = torch.rand(d_sae, d_in, generator=generator).argsort(1)[:, :4]
+    signs = torch.randint(0, 2, (d_sae, 4), generator=generator) * 2 - 1
+    decoder.scatter_(1, columns, signs * 0.5)
+    with torch.no_grad():
+        sae.W_enc.copy_(torch.randint(-1, 2, (d_in, d_sae), generator=generator) / 4)
+        sae.b_enc.copy_(torch.randint(-4, 5, (d_sae,), generator=generator) / 16)
+        sae.W_dec.copy_(decoder)
+        sae.b_dec.copy_(torch.randint(-1, 2, (d_in,), generator=generator) / 4)
+    sae.tokens_since_fired[::3] = cfg.dead_tokens_window + 1
+    sae._b_dec_init_checked = True
+    return sae.to(device)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("mode", ["autocast-bfloat16", "autocast-float16", "bfloat16-weights"])
+def test_reduced_precision_step_matches_float32_on_an_exact_grid(device: str, mode: str) -> None:
+    sae = exact_grid_sae(device)
+    generator = torch.Generator().manual_seed(6)
+    x = (torch.randint(-5, 6, (256, 16), generator=generator) / 4).to(device)
+    dense = training_step(sae, x, fast=False)
+    with warnings.catch_warnings():
+        warnings.filterwarnings("error", "training on the dense path")
+        if mode == "bfloat16-weights":
+            fast = training_step(sae.to(torch.bfloat16), x.bfloat16(), fast=True)
+        else:
+            dtype = torch.bfloat16 if mode == "autocast-bfloat16" else torch.float16
+            fast = training_step(sae, x, fast=True, autocast=dtype)
+    assert dense["acts"].count_nonzero() == 6 * 256  # the exact budget, despite the ties
+    assert dense["losses"]["auxk_loss"] > 0
+    # bfloat16 weights get bfloat16 gradients: one rounding of a float32 sum.
+    grad_tolerance = {"rtol": 1e-2, "atol": 1e-3} if mode == "bfloat16-weights" else None
+    assert_same_step(fast, dense, grad_tolerance, rtol=1e-5, atol=1e-5)
+
+
 def test_sparse_step_matches_dense_when_nothing_fires() -> None:
     sae = perturbed_sae(CalibratedBatchTopKTrainingSAE, CalibratedBatchTopKTrainingSAEConfig, k=8)
     with torch.no_grad():
@@ -282,14 +488,18 @@ def saved_tensor_shapes(sae: Any, x: torch.Tensor) -> list[tuple[int, ...]]:
     return shapes
 
 
-def test_sparse_path_keeps_no_tokens_by_latents_tensor_for_backward() -> None:
-    sae = perturbed_sae(CalibratedBatchTopKTrainingSAE, CalibratedBatchTopKTrainingSAEConfig, k=8)
-    x = torch.randn(256, 24, dtype=torch.float64)
+@pytest.mark.parametrize("autocast", [False, True])
+def test_sparse_path_keeps_no_tokens_by_latents_tensor_for_backward(autocast: bool) -> None:
+    sae = perturbed_sae(
+        CalibratedBatchTopKTrainingSAE, CalibratedBatchTopKTrainingSAEConfig, k=8, dtype="float32"
+    )
+    x = torch.randn(256, 24)
     big = 256 * sae.cfg.d_sae
     dense_sae = copy.deepcopy(sae)
     dense_sae.cfg.fast_path = False
     assert any(torch.Size(s).numel() >= big for s in saved_tensor_shapes(dense_sae, x))
-    assert all(torch.Size(s).numel() < big / 4 for s in saved_tensor_shapes(sae, x))
+    with torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast):
+        assert all(torch.Size(s).numel() < big / 4 for s in saved_tensor_shapes(sae, x))
 
 
 def test_dense_fallbacks_are_explained() -> None:
@@ -313,10 +523,13 @@ def test_dense_fallbacks_are_explained() -> None:
     )
     assert "sparse_ready" in str(custom.sparse_path_blocker(x))
 
+    # Reduced precision is no reason for the dense path.
     bf16 = perturbed_sae(
         CalibratedBatchTopKTrainingSAE, CalibratedBatchTopKTrainingSAEConfig, k=8, dtype="bfloat16"
     )
-    assert "float32" in str(bf16.sparse_path_blocker(x.bfloat16()))
+    assert bf16.sparse_path_blocker(x.bfloat16()) is None
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        assert sae.sparse_path_blocker(x) is None
 
     off = copy.deepcopy(sae)
     off.cfg.fast_path = False

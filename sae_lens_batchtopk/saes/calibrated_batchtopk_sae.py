@@ -58,7 +58,12 @@ from sae_lens_batchtopk.selection import (
     threshold_activation,
     zipf_weights,
 )
-from sae_lens_batchtopk.sparse_step import SparseStepWeights, reconstruct_dense, sparse_forward
+from sae_lens_batchtopk.sparse_step import (
+    SparseStepWeights,
+    matmul_dtype,
+    reconstruct_dense,
+    sparse_forward,
+)
 from sae_lens_batchtopk.validation import (
     check_average_l0,
     check_choice,
@@ -377,8 +382,10 @@ class CalibratedBatchTopKTrainingSAEConfig(
         fast_path: train on the sparse path (:mod:`sae_lens_batchtopk.sparse_codes`): exact
             fast selection, sparse decode and sparse encoder backward, no ``tokens x d_sae``
             tensor kept for the backward pass. Same losses and gradients as the dense path to
-            float rounding. Used whenever it applies (float32/float64 without autocast, 2-D
-            batches, ``reshape_activations="none"``, no hooks on the activation hook points,
+            float rounding. Any float dtype and autocast: the encoder matmul runs in the
+            weights' or the autocast dtype (SAELens's ``autocast=True``: bfloat16), the rest
+            accumulates in float32. Used whenever it applies (2-D batches,
+            ``reshape_activations="none"``, no hooks on the activation hook points,
             sparse-ready aux losses); otherwise the dense path runs, with a warning once.
             ``False`` always trains densely.
         selection_scope: when training on several processes (torch.distributed), which batch
@@ -496,7 +503,7 @@ class CalibratedBatchTopKTrainingSAEConfig(
 SAE_LENS_FIELDS: dict[str, str] = {
     "d_in": "same",
     "d_sae": "same",
-    "dtype": "same; bf16/fp16 weights train on the dense path",
+    "dtype": "same; bf16/fp16 weights train on the sparse path, accumulating in float32",
     "device": "same",
     "apply_b_dec_to_input": "same",
     "normalize_activations": "same; layer_norm / constant_norm_rescale refused with aux losses",
@@ -575,6 +582,7 @@ class CalibratedBatchTopKTrainingSAE(_Thresholds, TopKTrainingSAE):
         self.distributed: DistributedBatch | None = None
         self._selection_batch: DistributedBatch | None = None
         self._undistributed_warned = False
+        self._preactivations: torch.Tensor | None = None  # see _preactivation_buffer
         self.register_buffer(
             "threshold", torch.full((cfg.d_sae,), torch.nan, dtype=self.dtype, device=device)
         )
@@ -744,12 +752,19 @@ class CalibratedBatchTopKTrainingSAE(_Thresholds, TopKTrainingSAE):
         return self.reshape_fn_out(recons, self.d_head)
 
     def step_weights(self) -> SparseStepWeights:
-        """The weights as the training step reads them (decoder norms in selection units)."""
+        """The weights as the training step reads them (decoder norms in selection units).
+
+        ``b_dec`` is the input bias when ``process_sae_in`` subtracts it: it is the only
+        parameter the processed input depends on (a ``hook_sae_input`` hook mixing in other
+        trainable tensors would lose their gradient), so the sparse step takes that input as a
+        constant and gives ``b_dec`` its encoder gradient through one matrix-vector product.
+        """
         return SparseStepWeights.of(
             self.W_enc,
             self.b_enc,
             self.W_dec,
             rescale_acts_by_decoder_norm=self.cfg.rescale_acts_by_decoder_norm,
+            input_bias=self.b_dec if self.cfg.apply_b_dec_to_input else None,
         )
 
     def select_indices(self, hidden_pre: torch.Tensor) -> torch.Tensor:
@@ -764,10 +779,6 @@ class CalibratedBatchTopKTrainingSAE(_Thresholds, TopKTrainingSAE):
             return "fast_path=False"
         if sae_in.ndim != 2 or self.cfg.reshape_activations != "none":
             return "the sparse path takes 2-D batches with reshape_activations='none'"
-        if self.W_enc.dtype not in (torch.float32, torch.float64):
-            return f"the sparse path runs in float32/float64, not {self.W_enc.dtype}"
-        if torch.is_autocast_enabled(sae_in.device.type):
-            return "autocast is on"
         for hook in (self.hook_sae_acts_pre, self.hook_sae_acts_post):
             if hook._forward_hooks or hook._backward_hooks:
                 return f"a hook is attached to {hook.name or 'an activation hook point'}"
@@ -776,6 +787,24 @@ class CalibratedBatchTopKTrainingSAE(_Thresholds, TopKTrainingSAE):
             return f"aux losses {dense_only} are not registered as sparse_ready"
         return None
 
+    def _preactivation_buffer(
+        self, sae_in: torch.Tensor, weights: SparseStepWeights
+    ) -> torch.Tensor | None:
+        """The ``tokens x d_sae`` tensor the sparse step writes its pre-activations into.
+
+        Kept between steps on a CPU, where a fresh allocation of that size is page-faulted in
+        on every step; the pre-activations are only read during the forward pass, so the next
+        step may overwrite them. ``None`` elsewhere (CUDA's caching allocator reuses memory).
+        """
+        if sae_in.device.type != "cpu":
+            return None
+        shape = (sae_in.shape[0], self.cfg.d_sae)
+        dtype = matmul_dtype(sae_in, weights)
+        buffer = self._preactivations
+        if buffer is None or buffer.shape != shape or buffer.dtype != dtype:
+            buffer = self._preactivations = torch.empty(shape, dtype=dtype)
+        return buffer
+
     def _sparse_training_forward_pass(self, step_input: TrainStepInput) -> TrainStepOutput:
         """The dense training pass's losses, computed on the selected entries only.
 
@@ -783,8 +812,11 @@ class CalibratedBatchTopKTrainingSAE(_Thresholds, TopKTrainingSAE):
         without gradient (every pre-activation competes in the selection) and re-attaches the
         gradient at the selected entries, so no ``tokens x d_sae`` tensor is kept for backward.
         """
+        # A constant: its one parameter, b_dec, is the step weights' input bias (step_weights).
+        sae_in = self.process_sae_in(step_input.sae_in).detach()
+        weights = self.step_weights()
         forward = sparse_forward(
-            self.process_sae_in(step_input.sae_in), self.step_weights(), self.select_indices
+            sae_in, weights, self.select_indices, out=self._preactivation_buffer(sae_in, weights)
         )
         sae_out = self.hook_sae_recons(forward.reconstruction + self.b_dec)
         sae_out = self.run_time_activation_norm_fn_out(sae_out)

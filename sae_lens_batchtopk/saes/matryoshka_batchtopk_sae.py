@@ -179,11 +179,15 @@ class CalibratedMatryoshkaBatchTopKTrainingSAE(CalibratedBatchTopKTrainingSAE):
 
     @override
     def _sparse_training_forward_pass(self, step_input: TrainStepInput) -> TrainStepOutput:
+        # A constant, as in the plain step: b_dec's gradient comes through the input bias.
+        sae_in = self.process_sae_in(step_input.sae_in).detach()
+        weights = self.step_weights()
         forward = sparse_nested_forward(
-            self.process_sae_in(step_input.sae_in),
-            self.step_weights(),
+            sae_in,
+            weights,
             self.select_indices,
             self.cfg.matryoshka_widths,
+            out=self._preactivation_buffer(sae_in, weights),
         )
         feature_acts = forward.codes.to_sparse_coo()
         sae_out, losses = self._matryoshka_losses(
