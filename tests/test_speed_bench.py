@@ -20,11 +20,14 @@ from transformer_lens import HookedTransformer
 
 from sae_lens_batchtopk.tools.benchmarks import speed, speed_report
 from sae_lens_batchtopk.tools.benchmarks.activation_cache import ActivationCache
+from sae_lens_batchtopk.tools.benchmarks.harness import MemoryProbe
 from sae_lens_batchtopk.tools.benchmarks.speed import BATCHTOPK, MATRYOSHKA, Family, SpeedConfig
 from sae_lens_batchtopk.tools.cli import main as cli_main
 
 # Seconds every (fake) timed training step of a run takes; the warm-up step takes WARMUP_SECONDS.
 STEP_SECONDS = {"baseline": 0.1, "dense": 0.2, "fast": 0.04}
+# Seconds the encoder matmul timed after each of those steps takes.
+MATMUL_SECONDS = {"baseline": 0.05, "dense": 0.08, "fast": 0.025}
 WARMUP_SECONDS = 10.0
 # The family's settings in a tiny config: the Matryoshka runs nest at these widths.
 FAMILY_SETTINGS: dict[str, dict[str, object]] = {
@@ -56,7 +59,8 @@ def role_names(family: Family) -> dict[str, str]:
 def test_throughput_and_speed_ups_come_from_the_timed_steps(
     monkeypatch: pytest.MonkeyPatch, name: str
 ) -> None:
-    """Each run's steps take a known time: tokens/s, median and speed-up follow from them."""
+    """Each run's steps and encoder matmuls take known times: tokens/s, median, speed-up and
+    the step's multiple of the encoder matmul follow from them."""
     config = SpeedConfig(
         d_sae=64, k=4.0, batch_size=32, steps=3, warmup_steps=1, **FAMILY_SETTINGS[name]
     )
@@ -70,20 +74,23 @@ def test_throughput_and_speed_ups_come_from_the_timed_steps(
         return call(), next(seconds)
 
     monkeypatch.setattr(speed, "_timed", fake_timed)
-    monkeypatch.setattr(speed, "probe_peak_memory", lambda *args: 0.0)  # a process per run
+    monkeypatch.setattr(speed, "probe_training", lambda *args: MemoryProbe(0.0, True))
     batches = random_batches(config)
     train_stats = (1.0, batches[0].mean(0))
     runs = {}
     for role, step in STEP_SECONDS.items():
-        seconds = iter([WARMUP_SECONDS] + [step] * config.steps)
+        # The encoder matmul is timed after each timed step, not after the warm-up step.
+        seconds = iter([WARMUP_SECONDS] + [step, MATMUL_SECONDS[role]] * config.steps)
         runs[names[role]] = speed.time_training_steps(names[role], config, batches, train_stats)
-        assert next(seconds, None) is None  # every step, and only the steps, was timed
+        assert next(seconds, None) is None  # every step and matmul, and only those, was timed
 
     baseline, dense, fast = names.values()
     for role, step in STEP_SECONDS.items():
         # The warm-up step counts in neither figure.
         assert runs[names[role]]["tokens_per_s"] == pytest.approx(config.batch_size / step)
         assert runs[names[role]]["median_step_s"] == step
+        assert runs[names[role]]["encoder_matmul_s"] == MATMUL_SECONDS[role]
+        assert runs[names[role]]["x_encoder_matmul"] == pytest.approx(step / MATMUL_SECONDS[role])
     speedups = speed.speed_ups(runs, baseline)
     assert speedups == pytest.approx({baseline: 1.0, dense: 0.5, fast: 2.5})
     assert speed.speed_ups({fast: runs[fast]}, baseline) == {}  # no baseline, no speed-up
@@ -135,6 +142,13 @@ def test_quick_speed_run(tmp_path: Path, smollm2: HookedTransformer) -> None:
         assert run["speedup"] == pytest.approx(run["tokens_per_s"] / baseline)
         peak_fraction = run["required_flops_per_s"] / results["peak_matmul_flops"]
         assert run["fraction_of_peak"] == pytest.approx(peak_fraction)
+        matmul_flops = 2 * config.batch_size * results["settings"]["d_in"] * config.d_sae
+        assert run["encoder_matmul_fraction_of_peak"] == pytest.approx(
+            matmul_flops / run["encoder_matmul_s"] / results["peak_matmul_flops"]
+        )
+        assert run["x_encoder_matmul"] == pytest.approx(
+            run["median_step_s"] / run["encoder_matmul_s"]
+        )
     fast, dense = runs[BATCHTOPK.fast]["mse_loss"], runs[BATCHTOPK.dense]["mse_loss"]
     assert fast == pytest.approx(dense, rel=1e-4)
     assert results["curve_match"] == speed.curve_match(runs, BATCHTOPK)
@@ -167,6 +181,8 @@ def test_quick_sets_tiny_defaults_that_explicit_options_override() -> None:
         (["--use-matryoshka-aux-loss"], "--use-matryoshka-aux-loss"),
         (["--matryoshka-widths", "512", "--runs", "batchtopk"], "--runs"),
         (["--runs", "matryoshka_batchtopk"], "--runs"),
+        (["--synthetic-d-in", "0"], "--synthetic-d-in"),
+        (["--memory-probe-steps", "0"], "--memory-probe-steps"),
     ],
 )
 def test_bad_options_fail_before_work(
@@ -204,8 +220,8 @@ def test_matryoshka_runs_time_both_libraries_from_the_same_weights(
     )
     cache = random_cache(config)
     monkeypatch.setattr(speed, "load_model_and_cache", lambda *args: (None, cache))
-    monkeypatch.setattr(speed, "probe_peak_memory", lambda *args: 0.0)  # a process per run
-    monkeypatch.setattr(speed, "peak_matmul_flops", lambda device: 1e9)  # 2048² matmuls
+    monkeypatch.setattr(speed, "probe_training", lambda *args: MemoryProbe(0.0, True))
+    monkeypatch.setattr(speed, "peak_matmul_flops", lambda device, dtype: 1e9)  # 2048² matmuls
     built = []
 
     def spy(runner_config: object, *args: object) -> object:

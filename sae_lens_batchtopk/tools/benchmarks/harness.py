@@ -16,7 +16,7 @@ import math
 import os
 import platform
 import threading
-from collections.abc import Callable, Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any, NamedTuple
@@ -25,7 +25,7 @@ import torch
 from matplotlib.figure import Figure
 from sae_lens.config import LanguageModelSAERunnerConfig
 from sae_lens.registry import SAE_TRAINING_CLASS_REGISTRY
-from sae_lens.saes.sae import SAE, TrainingSAE
+from sae_lens.saes.sae import SAE, TrainingSAE, TrainStepOutput
 from sae_lens.training.sae_trainer import SAETrainer
 from transformer_lens import HookedTransformer
 
@@ -98,13 +98,23 @@ def train_statistics(cache: ActivationCache) -> tuple[float, torch.Tensor]:
     and a zero-initialised bias that Adam moves by about ``lr`` per step would dominate the
     error of short runs, hiding the differences between architectures.
     """
-    norm_sum, total = 0.0, torch.zeros(cache.d_in, dtype=torch.double)
-    for chunk in cache.splits["train"].split(65_536):  # float32 copies one chunk at a time
+    # float32 copies of one chunk at a time
+    return activation_statistics(cache.splits["train"].split(65_536))
+
+
+def activation_statistics(chunks: Iterable[torch.Tensor]) -> tuple[float, torch.Tensor]:
+    """:func:`train_statistics` of activations given as ``(tokens, d_in)`` chunks.
+
+    Accumulated in float64 chunk by chunk, so a large split is never copied whole.
+    """
+    norm_sum, total, n_tokens = 0.0, torch.zeros((), dtype=torch.double), 0
+    for chunk in chunks:
         chunk = chunk.double()
         norm_sum += float(chunk.norm(dim=-1).sum())
-        total += chunk.sum(0)
-    n_tokens = cache.splits["train"].shape[0]
-    return math.sqrt(cache.d_in) * n_tokens / norm_sum, (total / n_tokens).float()
+        total = total + chunk.sum(0)
+        n_tokens += chunk.shape[0]
+    d_in = total.shape[-1]
+    return math.sqrt(d_in) * n_tokens / norm_sum, (total / n_tokens).float()
 
 
 @torch.no_grad()
@@ -220,6 +230,13 @@ def _rss_bytes() -> int:
         return int(statm.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
 
 
+class MemoryProbe(NamedTuple):
+    """What :func:`probe_training` measured: peak memory, and which path the steps took."""
+
+    peak_mb: float
+    sparse_path: bool
+
+
 def probe_peak_memory(
     runner_config: LanguageModelSAERunnerConfig[Any],
     batches: Sequence[torch.Tensor],
@@ -227,32 +244,57 @@ def probe_peak_memory(
 ) -> float:
     """Peak memory of training (weights, gradients, optimizer state, temporaries), in MB.
 
+    :func:`probe_training`'s peak; see there.
+    """
+    return probe_training(runner_config, batches, statistics).peak_mb
+
+
+def probe_training(
+    runner_config: LanguageModelSAERunnerConfig[Any],
+    batches: Sequence[torch.Tensor],
+    statistics: tuple[float, torch.Tensor] | None,
+) -> MemoryProbe:
+    """Peak memory of training in MB, and whether every step took the sparse path.
+
     Runs ``len(batches)`` training steps of a fresh SAE in a fresh (spawned) process. Measured
     inside a long-lived process the figure is wrong for every run but the first: memory an
     earlier run freed stays resident in the allocator and is reused without raising the RSS
     (a fast run after a dense one read 44 MB instead of 173 MB). Memory per step is steady
-    after the first optimizer step, so a few steps give the run's peak.
+    after the first optimizer step, so a few steps give the run's peak. The path is recorded
+    because a sparse run that fell back to the dense path would report the dense path's memory.
     """
     context = torch.multiprocessing.get_context("spawn")
     with context.Pool(1) as pool:
-        return float(
-            pool.apply(_probe_in_child, (runner_config, torch.stack(list(batches)), statistics))
+        peak_mb, sparse = pool.apply(
+            _probe_in_child, (runner_config, torch.stack(list(batches)), statistics)
         )
+    return MemoryProbe(float(peak_mb), bool(sparse))
 
 
 def _probe_in_child(
     runner_config: LanguageModelSAERunnerConfig[Any],
     batches: torch.Tensor,
     statistics: tuple[float, torch.Tensor] | None,
-) -> float:
+) -> tuple[float, bool]:
     batches = batches.clone()  # private pages, resident before the baseline
     gc.collect()
+    sparse = True
     with peak_memory(runner_config.device) as peak:
         _, trainer = new_sae_and_trainer(runner_config, iter(batches), statistics)
         for batch in batches:
-            trainer.step(batch)
+            sparse &= took_sparse_path(trainer.step(batch))
             trainer.n_training_steps += 1
-    return peak["mb"]
+    return peak["mb"], sparse
+
+
+def took_sparse_path(output: TrainStepOutput) -> bool:
+    """Whether a training step ran the sparse path, read from what the step returned.
+
+    Our sparse pass returns its feature activations as a sparse COO tensor; every dense pass
+    (SAELens's built-ins and our dense reference, including a fallback the sparse path
+    refused) returns a dense one. Evidence of what ran, where a config flag is only a request.
+    """
+    return output.feature_acts.is_sparse
 
 
 def machine_info() -> dict[str, Any]:

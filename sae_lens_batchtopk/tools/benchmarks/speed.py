@@ -34,6 +34,9 @@ from pathlib import Path
 from typing import Any, TypeVar
 
 import torch
+from sae_lens.config import LanguageModelSAERunnerConfig
+from sae_lens.saes.sae import TrainingSAE
+from sae_lens.training.sae_trainer import SAETrainer
 from simple_parsing import ArgumentParser, field, flag
 from transformer_lens import HookedTransformer
 
@@ -60,11 +63,13 @@ from sae_lens_batchtopk.tools.benchmarks.command_line import (
 from sae_lens_batchtopk.tools.benchmarks.harness import (
     MEMORY_PROBE_STEPS,
     MODEL_NAME,
+    activation_statistics,
     load_model_and_cache,
     machine_info,
     new_sae_and_trainer,
-    probe_peak_memory,
+    probe_training,
     synchronize,
+    took_sparse_path,
     train_statistics,
     utc_now,
 )
@@ -146,6 +151,17 @@ class SpeedConfig:
     use_matryoshka_aux_loss: bool = flag(False, negative_prefix="--no-")
     """With --matryoshka-widths: per-level AuxK for every run (SAELens's
     use_matryoshka_aux_loss; off by default there, and costlier: one aux decode per level)."""
+    autocast: bool = flag(False, negative_prefix="--no-")
+    """Train every run under SAELens's autocast=True (bfloat16 mixed precision, on CPU as on
+    CUDA); the encoder matmul and the peak matmul are then timed in bfloat16 too."""
+    synthetic_d_in: int | None = None
+    """Train on seeded Gaussian activations of this width instead of cached model activations
+    (no model or cache is loaded): for shapes the cached model cannot give, e.g. 2304."""
+    memory_only: bool = flag(False, negative_prefix="--no-")
+    """Only the peak-memory probes: no timed steps, selection or peak-matmul timing (a
+    large shape's memory table at the cost of the probes alone)."""
+    memory_probe_steps: int = MEMORY_PROBE_STEPS
+    """Training steps of each run's peak-memory probe (fewer for a large shape)."""
     seed: int = 42
     """Seed of the batches and of every run's initial weights."""
     cache_dir: Path | None = None
@@ -174,7 +190,11 @@ class SpeedConfig:
                 f"--runs: unknown {unknown}; choose from {list(self.family.runs)}"
                 f" (--matryoshka-widths times {list(MATRYOSHKA.runs)})"
             )
-        require_positive(self, ("d_sae", "batch_size", "steps", "dead_window_steps"))
+        require_positive(
+            self, ("d_sae", "batch_size", "steps", "dead_window_steps", "memory_probe_steps")
+        )
+        if self.synthetic_d_in is not None:
+            require_positive(self, ("synthetic_d_in",))
         if self.matryoshka_widths:
             nested_widths(self.matryoshka_widths, self.d_sae)
         elif self.use_matryoshka_aux_loss:
@@ -188,6 +208,17 @@ class SpeedConfig:
     @property
     def total_steps(self) -> int:
         return self.warmup_steps + self.steps
+
+    @property
+    def n_batches(self) -> int:
+        """Batches the benchmark draws: every training step's, and the memory probe's."""
+        timed = 0 if self.memory_only else self.total_steps
+        return max(timed, self.memory_probe_steps)
+
+    @property
+    def matmul_dtype(self) -> torch.dtype:
+        """The dtype the encoder matmul runs in: autocast's (SAELens's bfloat16) or float32."""
+        return torch.bfloat16 if self.autocast else torch.float32
 
     def family_options(self) -> dict[str, Any]:
         """The SAE options every run of the family shares (the nesting of Matryoshka runs)."""
@@ -203,7 +234,7 @@ class SpeedConfig:
         return CacheSpec(
             model_name=self.model_name,
             hook_name=self.hook_name,
-            train_tokens=self.total_steps * self.batch_size,
+            train_tokens=self.n_batches * self.batch_size,
             calibration_tokens=1,
             heldout_tokens=1,
             eval_sequences=1,
@@ -246,55 +277,92 @@ def run_speed_benchmark(
     command: str | None = None,
     show_progress: bool = True,
 ) -> dict[str, Any]:
-    """Time every requested run on the same batches, write the outputs, return the results."""
+    """Time every requested run on the same batches, write the outputs, return the results.
+
+    With ``config.memory_only``, each run's memory probe is all that runs.
+    """
     config.validate()
-    _, cache = load_model_and_cache(
-        config.cache_spec(), config.device, config.cache_dir, model, show_progress
-    )
-    train_stats = train_statistics(cache)
-    batches = list(
-        itertools.islice(
-            cache.train_batches(config.batch_size, seed=config.seed), config.total_steps
-        )
-    )
-    runs = {name: time_training_steps(name, config, batches, train_stats) for name in config.runs}
-    results = {
+    batches, train_stats, activations = training_batches(config, model, show_progress)
+    d_in = batches[0].shape[-1]
+    results: dict[str, Any] = {
         "settings": {
             **dataclasses.asdict(config),
             "cache_dir": str(config.cache_dir) if config.cache_dir else None,
             "output": str(config.output),
-            "d_in": cache.d_in,
+            "d_in": d_in,
             "matryoshka_levels": config.family_options().get("matryoshka_widths"),
         },
+        "activations": activations,
         "machine": machine_info(),
         "date": utc_now(),
         "command": command,
-        "peak_matmul_flops": peak_matmul_flops(config.device),
-        "selection": time_selection(config, batches[0] * train_stats[0]),
         "baseline": config.family.baseline,
+    }
+    if config.memory_only:
+        results["runs"] = {
+            name: probe_run_memory(name, config, batches, train_stats) for name in config.runs
+        }
+        write_speed_outputs(results, Path(config.output))
+        return results
+    runs = {name: time_training_steps(name, config, batches, train_stats) for name in config.runs}
+    peak = peak_matmul_flops(config.device, config.matmul_dtype)
+    results |= {
+        "peak_matmul_flops": peak,
+        "peak_matmul_dtype": str(config.matmul_dtype).removeprefix("torch."),
+        "selection": time_selection(config, batches[0] * train_stats[0]),
         "runs": runs,
         "curve_match": curve_match(runs, config.family),
     }
     speedups = speed_ups(runs, config.family.baseline)
     for name, run in runs.items():
-        run["fraction_of_peak"] = run["required_flops_per_s"] / results["peak_matmul_flops"]
+        run["fraction_of_peak"] = run["required_flops_per_s"] / peak
+        run["encoder_matmul_fraction_of_peak"] = (
+            encoder_flops(config, d_in) / run["encoder_matmul_s"] / peak
+        )
         if name in speedups:
             run["speedup"] = speedups[name]
     write_speed_outputs(results, Path(config.output))
     return results
 
 
-def time_training_steps(
-    name: str,
-    config: SpeedConfig,
-    batches: Sequence[torch.Tensor],
-    train_stats: tuple[float, torch.Tensor],
-) -> dict[str, Any]:
-    """Train one run for ``config.total_steps`` steps; time each; record its MSE curve."""
+def training_batches(
+    config: SpeedConfig, model: HookedTransformer | None, show_progress: bool
+) -> tuple[list[torch.Tensor], tuple[float, torch.Tensor], str]:
+    """The batches every run trains on, their statistics, and a line saying what they are.
+
+    Cached model activations, or with ``config.synthetic_d_in`` seeded standard Gaussian ones
+    of that width: a timing or memory figure depends on the shape, not on the values (the MSE
+    curves of Gaussian noise say little about training, though the fast-vs-dense match holds).
+    """
+    if config.synthetic_d_in is not None:
+        generator = torch.Generator().manual_seed(config.seed)
+        batches = [
+            torch.randn(config.batch_size, config.synthetic_d_in, generator=generator)
+            for _ in range(config.n_batches)
+        ]
+        description = (
+            f"synthetic activations: seeded standard Gaussian, d_in {config.synthetic_d_in};"
+            " no model loaded"
+        )
+        return batches, activation_statistics(batches), description
+    _, cache = load_model_and_cache(
+        config.cache_spec(), config.device, config.cache_dir, model, show_progress
+    )
+    batches = list(
+        itertools.islice(cache.train_batches(config.batch_size, seed=config.seed), config.n_batches)
+    )
+    description = f"real {config.model_name} activations, `{config.hook_name}`"
+    return batches, train_statistics(cache), description
+
+
+def runner_config_for(
+    name: str, config: SpeedConfig, d_in: int
+) -> LanguageModelSAERunnerConfig[Any]:
+    """The SAELens runner config of run ``name``: its architecture, the shared settings."""
     architecture, extra = config.family.runs[name]
-    runner_config = make_runner_config(
+    return make_runner_config(
         architecture,
-        d_in=batches[0].shape[-1],
+        d_in=d_in,
         d_sae=config.d_sae,
         k=config.k,
         normalize_activations="expected_average_only_in",
@@ -309,36 +377,104 @@ def time_training_steps(
         train_batch_size_tokens=config.batch_size,
         lr=config.lr,
         dead_feature_window=config.dead_window_steps,
+        autocast=config.autocast,
         device=config.device,
         seed=config.seed,
         log_to_wandb=False,
         verbose=False,
     )
+
+
+def probe_run_memory(
+    name: str,
+    config: SpeedConfig,
+    batches: Sequence[torch.Tensor],
+    train_stats: tuple[float, torch.Tensor],
+) -> dict[str, Any]:
+    """Run ``name``'s peak memory over ``config.memory_probe_steps`` steps, and its path."""
+    runner_config = runner_config_for(name, config, batches[0].shape[-1])
+    probe = probe_training(runner_config, batches[: config.memory_probe_steps], train_stats)
+    return {
+        "architecture": runner_config.sae.architecture(),
+        "fast_path": probe.sparse_path,
+        "peak_memory_mb": probe.peak_mb,
+    }
+
+
+def time_training_steps(
+    name: str,
+    config: SpeedConfig,
+    batches: Sequence[torch.Tensor],
+    train_stats: tuple[float, torch.Tensor],
+) -> dict[str, Any]:
+    """Train one run for ``config.total_steps`` steps; time each; record its MSE curve.
+
+    After each timed step, the encoder matmul alone is timed on that step's batch (see
+    :func:`encoder_matmul`): measured in the same run, alternating with the steps, so that
+    the step's multiple of it is unmoved by the machine's state drifting between runs.
+    ``fast_path`` is whether every step (timed and memory-probed) took the sparse path.
+    """
+    d_in = batches[0].shape[-1]
+    runner_config = runner_config_for(name, config, d_in)
     sae, trainer = new_sae_and_trainer(runner_config, iter(batches), train_stats)
-    seconds, mse, selected = [], [], []
-    for batch in batches:
+    matmul_out = torch.zeros(  # zeros, not empty: paged in before the first timing
+        config.batch_size, config.d_sae, dtype=config.matmul_dtype, device=config.device
+    )
+    seconds, matmul_seconds, mse, selected, sparse = [], [], [], [], []
+    for step, batch in enumerate(batches[: config.total_steps]):
         output, elapsed = _timed(config.device, lambda batch=batch: trainer.step(batch))
         trainer.n_training_steps += 1
-        seconds.append(elapsed)
+        if step >= config.warmup_steps:
+            seconds.append(elapsed)
+            matmul = encoder_matmul(sae, trainer, batch, matmul_out)
+            matmul_seconds.append(_timed(config.device, matmul)[1])
         mse.append(float(output.losses["mse_loss"].detach()))
         selected.append(float(output.feature_acts.bool().float().sum().to_dense()))
-    timed = seconds[config.warmup_steps :]
-    d_in = batches[0].shape[-1]
+        sparse.append(took_sparse_path(output))
+    probe = probe_training(runner_config, batches[: config.memory_probe_steps], train_stats)
     # Work the step cannot avoid: the dense encoder forward, and per selected entry a
     # decode, its two gradients and the encoder's two gradients (d_in multiply-adds each).
-    required = 2 * config.batch_size * d_in * config.d_sae + 10 * statistics.mean(selected) * d_in
-    speed = throughput(timed, config.batch_size)
+    required = encoder_flops(config, d_in) + 10 * statistics.mean(selected) * d_in
+    speed = throughput(seconds, config.batch_size)
+    encoder_matmul_s = statistics.median(matmul_seconds)
     return {
-        "architecture": architecture,
-        "fast_path": bool(getattr(sae.cfg, "fast_path", False)),
+        "architecture": runner_config.sae.architecture(),
+        "fast_path": all(sparse) and probe.sparse_path,
         **speed,
-        "peak_memory_mb": probe_peak_memory(
-            runner_config, batches[:MEMORY_PROBE_STEPS], train_stats
-        ),
+        "encoder_matmul_s": encoder_matmul_s,
+        "x_encoder_matmul": speed["median_step_s"] / encoder_matmul_s,
+        "peak_memory_mb": probe.peak_mb,
         "required_flops_per_s": required / speed["median_step_s"],
         "mse_loss": mse,
         "dead_fraction_end": float(trainer.dead_neurons.float().mean()),
     }
+
+
+def encoder_flops(config: SpeedConfig, d_in: int) -> int:
+    """FLOPs of one batch's dense encoder matmul: a multiply and an add per weight and token."""
+    return 2 * config.batch_size * d_in * config.d_sae
+
+
+def encoder_matmul(
+    sae: TrainingSAE[Any], trainer: SAETrainer[Any, Any], batch: torch.Tensor, out: torch.Tensor
+) -> Callable[[], torch.Tensor]:
+    """``sae_in @ W_enc + b_enc`` for ``batch``, as one call ready to be timed alone.
+
+    On the SAE's processed input (the trainer's scaled batch through ``process_sae_in``),
+    without gradient, in ``out``'s dtype (the step's: autocast's bfloat16 or float32), the
+    casts to it included, as the step pays them. The result goes into ``out``, allocated once
+    per run: what is timed is the matmul, not the page faults of a fresh ``tokens x d_sae``
+    tensor, which would flatter the step's multiple of it.
+    """
+    with torch.no_grad():
+        sae_in = sae.process_sae_in(trainer.activation_scaler(batch.to(out.device)))
+    dtype = out.dtype
+
+    def matmul() -> torch.Tensor:
+        with torch.no_grad(), torch.autocast(out.device.type, enabled=False):
+            return torch.addmm(sae.b_enc.to(dtype), sae_in.to(dtype), sae.W_enc.to(dtype), out=out)
+
+    return matmul
 
 
 def throughput(step_seconds: Sequence[float], batch_size: int) -> dict[str, float]:
@@ -410,10 +546,16 @@ def curve_match(runs: Mapping[str, Mapping[str, Any]], family: Family) -> dict[s
     }
 
 
-def peak_matmul_flops(device: str, size: int = 2048, repeats: int = 5) -> float:
-    """Best-of-``repeats`` float32 FLOP/s of a square matmul: the machine's practical peak."""
-    a = torch.randn(size, size, device=device)
-    b = torch.randn(size, size, device=device)
+def peak_matmul_flops(
+    device: str, dtype: torch.dtype = torch.float32, size: int = 2048, repeats: int = 5
+) -> float:
+    """Best-of-``repeats`` FLOP/s of a square ``dtype`` matmul: the machine's practical peak.
+
+    Measured in the dtype the runs' matmuls use: bfloat16 under autocast has its own peak
+    (several times float32's on a GPU's tensor cores).
+    """
+    a = torch.randn(size, size, device=device, dtype=dtype)
+    b = torch.randn(size, size, device=device, dtype=dtype)
     a @ b  # warm-up (allocations, kernel selection)
     best = min(_timed(device, lambda: a @ b)[1] for _ in range(repeats))
     return 2 * size**3 / best
