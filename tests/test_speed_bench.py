@@ -258,3 +258,119 @@ def test_a_dead_window_as_long_as_the_run_is_reported_as_no_aux_loss() -> None:
     assert "never runs: no latent can be dead" in speed_report.aux_setting(settings)
     settings["dead_window_steps"] = 3
     assert "active (dead after 3 idle steps)" in speed_report.aux_setting(settings)
+
+
+def no_model(*args: object) -> None:
+    raise AssertionError("synthetic activations load no model or cache")
+
+
+def test_autocast_reaches_the_trainer_and_our_run_takes_the_sparse_path(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Under --autocast every run trains under SAELens's bfloat16 autocast; ours stays sparse."""
+    config = SpeedConfig(
+        synthetic_d_in=16,
+        d_sae=64,
+        k=4.0,
+        batch_size=32,
+        steps=2,
+        warmup_steps=1,
+        autocast=True,
+        output=tmp_path / "out",
+    )
+    monkeypatch.setattr(speed, "load_model_and_cache", no_model)
+    monkeypatch.setattr(speed, "probe_training", lambda *args: MemoryProbe(0.0, True))
+    peak_dtypes = []
+
+    def fake_peak(device: str, dtype: torch.dtype) -> float:
+        peak_dtypes.append(dtype)
+        return 1e9
+
+    monkeypatch.setattr(speed, "peak_matmul_flops", fake_peak)
+    trainers = []
+
+    def spy(runner_config: object, *args: object) -> object:
+        sae, trainer = new_sae_and_trainer(runner_config, *args)
+        trainers.append(trainer)
+        return sae, trainer
+
+    new_sae_and_trainer = speed.new_sae_and_trainer
+    monkeypatch.setattr(speed, "new_sae_and_trainer", spy)
+    matmul_dtypes = []
+
+    def spy_matmul(*args: object) -> Callable[[], torch.Tensor]:
+        matmul = encoder_matmul(*args)
+
+        def recorded() -> torch.Tensor:
+            result = matmul()
+            matmul_dtypes.append(result.dtype)
+            return result
+
+        return recorded
+
+    encoder_matmul = speed.encoder_matmul
+    monkeypatch.setattr(speed, "encoder_matmul", spy_matmul)
+    results = speed.run_speed_benchmark(config, show_progress=False)
+
+    assert [trainer.cfg.autocast for trainer in trainers] == [True] * 3
+    assert all(isinstance(t.autocast_if_enabled, torch.autocast) for t in trainers)
+    runs = results["runs"]
+    assert runs[BATCHTOPK.fast]["fast_path"] is True  # the sparse path ran under autocast
+    assert not runs[BATCHTOPK.dense]["fast_path"] and not runs[BATCHTOPK.baseline]["fast_path"]
+    assert set(matmul_dtypes) == {torch.bfloat16} and len(matmul_dtypes) == 3 * config.steps
+    assert peak_dtypes == [torch.bfloat16] and results["peak_matmul_dtype"] == "bfloat16"
+    assert results["settings"]["d_in"] == 16 and "synthetic" in results["activations"]
+    section = (config.output / speed_report.FILES.section).read_text()
+    assert "autocast on" in section and "| × encoder matmul |" in section
+    assert "synthetic activations: seeded standard Gaussian, d_in 16" in section
+
+
+def test_a_sparse_run_that_falls_back_to_the_dense_path_reports_dense(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """The path column reads what the steps did, not what the config asked for."""
+    config = SpeedConfig(d_sae=64, k=4.0, batch_size=32, steps=1, warmup_steps=0)
+    monkeypatch.setattr(speed, "probe_training", lambda *args: MemoryProbe(0.0, True))
+    monkeypatch.setattr(
+        speed.CalibratedBatchTopKTrainingSAE, "sparse_path_blocker", lambda *args: "refused"
+    )
+    batches = random_batches(config)
+    with pytest.warns(UserWarning, match="training on the dense path: refused"):
+        run = speed.time_training_steps(BATCHTOPK.fast, config, batches, (1.0, batches[0].mean(0)))
+    assert run["fast_path"] is False
+
+
+def test_memory_only_probes_each_run_on_synthetic_activations(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """--memory-only: one real probe per run, nothing timed; the probe reports the path."""
+    config = SpeedConfig(
+        synthetic_d_in=16,
+        d_sae=64,
+        k=4.0,
+        batch_size=32,
+        memory_only=True,
+        memory_probe_steps=2,
+        dead_window_steps=1,
+        autocast=True,
+        runs=(BATCHTOPK.fast,),
+        output=tmp_path / "out",
+    )
+    monkeypatch.setattr(speed, "load_model_and_cache", no_model)
+
+    def not_timed(*args: object) -> None:
+        raise AssertionError("memory_only times nothing")
+
+    for timer in ("time_training_steps", "peak_matmul_flops", "time_selection"):
+        monkeypatch.setattr(speed, timer, not_timed)
+    results = speed.run_speed_benchmark(config, show_progress=False)
+
+    (run,) = results["runs"].values()
+    assert run["fast_path"] is True and run["peak_memory_mb"] >= 0
+    section = (config.output / speed_report.FILES.section).read_text()
+    assert "## Peak training memory vs SAELens's `batchtopk`" in section
+    assert "2 training steps per run in a fresh process" in section
+    assert "| calibrated_batchtopk | sparse |" in section
+    assert "AuxK active (dead after 1 idle steps)" in section
+    for name in speed_report.FILES:
+        assert (config.output / name).stat().st_size > 0
