@@ -1,24 +1,32 @@
 """``sae-batchtopk bench-speed``: training-step throughput, sparse fast path against dense paths.
 
 Trains, from the same initial weights on the same cached SmolLM2 activations, SAELens's built-in
-``batchtopk`` (dense), our ``calibrated_batchtopk`` with ``fast_path=False`` (the dense
-reference) and with the fast sparse path, each through SAELens's ``SAETrainer.step`` (so
-optimizer, gradient clipping and dead-latent bookkeeping are timed too). ``--matryoshka-widths``
-times the Matryoshka family instead: SAELens's ``matryoshka_batchtopk`` against our
-``calibrated_matryoshka_batchtopk`` on both paths, nested at those widths, each with SAELens's
-default aux setting (AuxK on the whole SAE's residual) unless ``--use-matryoshka-aux-loss``
-asks both for per-level AuxK. Reported per run:
-tokens/s over the timed steps (after warm-up), the median step time, the speed-up over the
-built-in, peak memory (measured in a fresh process by
-:func:`~sae_lens_batchtopk.tools.benchmarks.harness.probe_peak_memory`), and the fraction of the
-machine's peak matmul throughput the step reaches counting only the work it must do (the dense
-encoder forward plus the sparse decode/backward). The fast and dense runs of our architecture
-are compared step by step: their MSE curves must agree to float rounding, against a
-step-to-step change that is orders of magnitude larger. Dead latents are declared after
-``--dead-window-steps`` so that every run's AuxK path is exercised and timed; a window no
-shorter than the run declares none, which times the steps without any aux loss. The selection
-alone is timed too: the fast exact batch top-k against ``torch.topk`` over all
-``tokens x d_sae`` entries, on the same pre-activations.
+``batchtopk`` (dense), our ``calibrated_batchtopk`` with ``fast_path=False`` (the dense reference)
+and with the fast sparse path, each through SAELens's ``SAETrainer.step`` (so optimizer, gradient
+clipping and dead-latent bookkeeping are timed too). ``--matryoshka-widths`` times the Matryoshka
+family instead: SAELens's ``matryoshka_batchtopk`` against our ``calibrated_matryoshka_batchtopk``
+on both paths, nested at those widths, each with SAELens's default aux setting (AuxK on the whole
+SAE's residual) unless ``--use-matryoshka-aux-loss`` asks both for per-level AuxK. Reported per
+run: tokens/s over the timed steps (after warm-up), the median step time, the speed-up over the
+built-in, the step as a multiple of the encoder matmul (``sae_in @ W_enc + b_enc`` alone, timed
+after each timed step of the same run: the one dense cost a batch top-k step cannot avoid, so the
+multiple says how much the rest of the step adds), peak memory (measured in a fresh process by
+:func:`~sae_lens_batchtopk.tools.benchmarks.harness.probe_training`), and the fractions of the
+machine's measured peak matmul throughput reached by the encoder matmul and by the step, counting
+only the work the step must do (the dense encoder forward plus the sparse decode/backward). The
+path column (sparse or dense) is read from what the steps returned, so a sparse run that fell back
+to the dense path shows it. ``--autocast`` trains every run under SAELens's ``autocast=True``
+(bfloat16 autocast, which SAELens applies on CPU as on CUDA); the encoder matmul and the peak are
+then timed in bfloat16. ``--synthetic-d-in`` replaces the cached activations by seeded Gaussian
+ones of that width, loading no model (shapes no cached model gives, e.g. Gemma 2 2B's d_in 2304);
+``--memory-only`` runs only the memory probes (``--memory-probe-steps`` steps each), for a shape
+whose timed steps would take too long. The fast and dense runs of our architecture are compared
+step by step: their MSE curves must agree to float rounding (bfloat16 rounding under autocast),
+against a step-to-step change that is orders of magnitude larger. Dead latents are declared after
+``--dead-window-steps`` so that every run's AuxK path is exercised and timed; a window no shorter
+than the run declares none, which times the steps without any aux loss. The selection alone is
+timed too: the fast exact batch top-k against ``torch.topk`` over all ``tokens x d_sae`` entries,
+on the same pre-activations.
 """
 
 from __future__ import annotations
