@@ -20,7 +20,7 @@ from transformer_lens import HookedTransformer
 
 from sae_lens_batchtopk.tools.benchmarks import speed, speed_report
 from sae_lens_batchtopk.tools.benchmarks.activation_cache import ActivationCache
-from sae_lens_batchtopk.tools.benchmarks.harness import MemoryProbe
+from sae_lens_batchtopk.tools.benchmarks.harness import MemoryProbe, activation_statistics
 from sae_lens_batchtopk.tools.benchmarks.speed import BATCHTOPK, MATRYOSHKA, Family, SpeedConfig
 from sae_lens_batchtopk.tools.cli import main as cli_main
 
@@ -374,3 +374,24 @@ def test_memory_only_probes_each_run_on_synthetic_activations(
     assert "AuxK active (dead after 1 idle steps)" in section
     for name in speed_report.FILES:
         assert (config.output / name).stat().st_size > 0
+
+
+def test_activation_statistics_match_the_whole_split_computed_at_once() -> None:
+    """Chunked accumulation gives SAELens's factor sqrt(d_in) / mean norm and the mean."""
+    activations = torch.randn(1000, 16, generator=torch.Generator().manual_seed(0)) + 3.0
+    factor, mean = activation_statistics(activations.split(300))
+    assert factor == pytest.approx(4.0 / float(activations.double().norm(dim=-1).mean()))
+    assert mean == pytest.approx(activations.mean(0), abs=1e-5)
+
+
+def test_peak_matmul_is_measured_in_the_dtype_asked_for(monkeypatch: pytest.MonkeyPatch) -> None:
+    dtypes = []
+
+    def fake_timed(device: str, call: Callable[[], torch.Tensor]) -> tuple[torch.Tensor, float]:
+        result = call()
+        dtypes.append(result.dtype)
+        return result, 0.5
+
+    monkeypatch.setattr(speed, "_timed", fake_timed)
+    flops = speed.peak_matmul_flops("cpu", torch.bfloat16, size=64, repeats=2)
+    assert flops == 2 * 64**3 / 0.5 and dtypes == [torch.bfloat16] * 2

@@ -555,13 +555,16 @@ def curve_match(runs: Mapping[str, Mapping[str, Any]], family: Family) -> dict[s
 
 
 def peak_matmul_flops(
-    device: str, dtype: torch.dtype = torch.float32, size: int = 2048, repeats: int = 5
+    device: str, dtype: torch.dtype = torch.float32, size: int | None = None, repeats: int = 5
 ) -> float:
     """Best-of-``repeats`` FLOP/s of a square ``dtype`` matmul: the machine's practical peak.
 
     Measured in the dtype the runs' matmuls use: bfloat16 under autocast has its own peak
-    (several times float32's on a GPU's tensor cores).
+    (several times float32's on a GPU's tensor cores). The default size, 2048 on a CPU and
+    8192 on CUDA, is large enough to reach it: a GPU finishes a 2048 matmul so fast that launch
+    overhead would lower the peak and so inflate every fraction of it.
     """
+    size = size or (8192 if device == "cuda" else 2048)
     a = torch.randn(size, size, device=device, dtype=dtype)
     b = torch.randn(size, size, device=device, dtype=dtype)
     a @ b  # warm-up (allocations, kernel selection)
