@@ -308,6 +308,17 @@ def test_nan_thresholds_refuse_to_load(tmp_path: Path) -> None:
         SAE.load_from_disk(folder)
 
 
+def test_thresholds_of_another_length_refuse_to_load(tmp_path: Path) -> None:
+    from safetensors.torch import load_file, save_file
+
+    folder = saved_inference(tmp_path)
+    weights = load_file(folder / "sae_weights.safetensors")
+    weights["threshold"] = weights["threshold"][:10].clone()
+    save_file(weights, folder / "sae_weights.safetensors")
+    with pytest.raises(ValueError, match=r"threshold has shape \(10,\), expected \(32,\)"):
+        SAE.load_from_disk(folder)
+
+
 def test_malformed_cfg_json_is_named(
     trained_run: tuple[Path, Path], capsys: pytest.CaptureFixture[str]
 ) -> None:

@@ -196,8 +196,13 @@ def build_settings(options: dict[str, Any], output: Path) -> TrainSettings:
     try:
         runner_cfg = make_runner_config(architecture, **runner_options)
         check_activation_buffer(runner_cfg)
-    except (ValueError, TypeError) as error:
-        raise ConfigError(f"{error} (plugin keys: {sorted(PLUGIN_KEYS)})") from None
+    except TypeError as error:  # an unknown key: name the keys a config may add
+        raise ConfigError(
+            f"{error}; besides the runner's and the SAE's fields a config may set"
+            f" {sorted(PLUGIN_KEYS)}"
+        ) from None
+    except ValueError as error:
+        raise ConfigError(str(error)) from None
     return TrainSettings(runner_cfg, architecture, eval_tokens, ce_eval_batches, options)
 
 
