@@ -34,8 +34,9 @@ from sae_lens.saes.matryoshka_batchtopk_sae import (
     MatryoshkaBatchTopKTrainingSAE,
     MatryoshkaBatchTopKTrainingSAEConfig,
 )
-from sae_lens.saes.sae import SAEMetadata, TrainStepInput
+from sae_lens.saes.sae import TrainStepInput
 from sae_lens.training.sae_trainer import SAETrainer
+from test_drop_in import SAE_LENS_VALUES as BATCHTOPK_SAE_LENS_VALUES
 from test_sparse_path import (
     assert_same_step,
     perturbed_sae,
@@ -65,22 +66,10 @@ from sae_lens_batchtopk.sparse_step import (
 ARCHITECTURE = "calibrated_matryoshka_batchtopk"
 DL_MATRYOSHKA = Path(__file__).parent / "data" / "foreign" / "dictionary_learning_matryoshka"
 
-# A non-default value for every field of SAELens's MatryoshkaBatchTopKTrainingSAEConfig.
+# A non-default value for every field of SAELens's MatryoshkaBatchTopKTrainingSAEConfig: its
+# BatchTopK fields (as in test_drop_in) and its own.
 SAE_LENS_VALUES: dict[str, object] = {
-    "d_in": 16,
-    "d_sae": 64,
-    "dtype": "float64",
-    "device": "cpu",
-    "apply_b_dec_to_input": False,
-    "normalize_activations": "expected_average_only_in",
-    "reshape_activations": "none",
-    "metadata": SAEMetadata(model_name="m", hook_name="h"),
-    "decoder_init_norm": 0.5,
-    "k": 7.5,
-    "use_sparse_activations": True,
-    "aux_loss_coefficient": 2.0,
-    "rescale_acts_by_decoder_norm": False,
-    "topk_threshold_lr": 0.05,
+    **BATCHTOPK_SAE_LENS_VALUES,
     "matryoshka_widths": [8, 24, 64],
     "use_matryoshka_aux_loss": True,
 }
