@@ -99,9 +99,8 @@ def sampled_floor(flat: torch.Tensor, n_keep: int, d_sae: int) -> float | None:
 
     An estimate, never trusted blindly: callers count the entries above it and fall back when
     fewer than ``n_keep`` are (the distributed selection agrees on one floor for every process
-    this way). ``None`` when the sample is too small to tell. The sample
-    stride is coprime with ``d_sae`` so that the sample covers every latent, not one residue
-    class of them.
+    this way). ``None`` when the sample is too small to tell. The sample stride is coprime
+    with ``d_sae`` so that the sample covers every latent, not one residue class of them.
     """
     sample = flat[:: threshold_sample_stride(flat.numel(), d_sae)]
     expected = n_keep * sample.numel() / flat.numel()
