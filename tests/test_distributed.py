@@ -20,7 +20,13 @@ import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 import yaml
-from conftest import needs_offline_assets, step_input, tiny_runner_kwargs, trainer_config
+from conftest import (
+    needs_offline_assets,
+    reduced_default_run_argv,
+    step_input,
+    tiny_runner_kwargs,
+    trainer_config,
+)
 from datasets import Dataset
 from sae_lens import SAE
 from sae_lens.training.sae_trainer import SAETrainer
@@ -51,8 +57,6 @@ from sae_lens_batchtopk.distributed_runner import (
 from sae_lens_batchtopk.selection import n_selected, threshold_sample_stride
 from sae_lens_batchtopk.tools.cli import Resources, _without_nproc, main
 from sae_lens_batchtopk.trainer import DistributedSAETrainer, check_batch_divides
-
-DEFAULT_CONFIG = Path(__file__).parent.parent / "configs" / "smollm2-135m-wiki.yaml"
 
 WORLD = 2
 
@@ -584,19 +588,7 @@ def test_cli_checks_distributed_settings_before_launching(
 def test_cli_launches_two_processes_with_torchrun(tmp_path: Path) -> None:
     """``--nproc-per-node 2`` on the offline SmolLM2, reduced: torchrun starts the workers."""
     out = tmp_path / "smollm2"
-    reduced = {
-        "d_sae": 256,
-        "training_tokens": 4096,
-        "calibration_tokens": 2048,
-        "dead_tokens_window": 2048,
-        "eval_tokens": 2048,
-        "ce_eval_batches": 1,
-        "store_batch_size_prompts": 8,
-        "n_batches_for_norm_estimate": 4,
-    }
-    argv = ["train", str(DEFAULT_CONFIG), "--output", str(out), "--nproc-per-node", "2"]
-    for key, value in reduced.items():
-        argv += ["--set", f"{key}={value}"]
+    argv = [*reduced_default_run_argv(out), "--nproc-per-node", "2"]
     assert main(argv) == 0
     headline = json.loads((out / "metrics.json").read_text())["headline"]
     assert 0 < headline["l0"] < 256
