@@ -35,6 +35,7 @@ import torch
 import torch.distributed as dist
 
 from sae_lens_batchtopk.selection import (
+    indices_above,
     largest_values,
     n_selected,
     sampled_floor,
@@ -365,10 +366,10 @@ class DistributedBatch:
             return torch.zeros(0, dtype=torch.long, device=flat.device)
         # A process without a floor of its own proposes 0: every positive entry.
         agreed_floor = float(shares[:, 1].min())
-        candidates = (flat > agreed_floor).nonzero().squeeze(1)
+        candidates = indices_above(flat.view(-1, d_sae), agreed_floor)
         n_candidates = int(self.summed(torch.tensor([candidates.numel()])))
         if n_candidates < n_keep and agreed_floor > 0:
-            candidates = (flat > 0).nonzero().squeeze(1)
+            candidates = indices_above(flat.view(-1, d_sae), 0.0)
             n_candidates = int(self.summed(torch.tensor([candidates.numel()])))
         if n_candidates <= n_keep:
             return candidates

@@ -30,6 +30,8 @@ from sae_lens_batchtopk.saes.calibrated_batchtopk_sae import CalibratedBatchTopK
 
 # Points kept per curve: enough to see the shape, few enough that recording costs nothing.
 CURVE_POINTS = 200
+# Devices whose parameters PyTorch's fused Adam updates.
+_FUSED_ADAM_DEVICES = frozenset({"cpu", "cuda"})
 # Trainer settings that legitimately differ between processes: each process's own device,
 # wandb on process 0 only, checkpoints written by process 0 only.
 _PER_PROCESS_TRAINER_FIELDS = frozenset({"device", "logger", "checkpoint_path"})
@@ -53,9 +55,11 @@ class RecordingSAETrainer(SAETrainer[Any, Any]):
 
         The runner may already have restored a checkpoint into ``trainer`` (optimizer, lr
         schedule, counters, activation scaler), so the state is carried over, not rebuilt.
+        Its Adam runs as PyTorch's fused implementation (:func:`use_fused_adam`).
         """
         recording = cls.__new__(cls)
         recording.__dict__.update(vars(trainer))
+        use_fused_adam(recording.optimizer)
         recording.records = []
         recording.record_every = max(trainer.cfg.total_training_steps // CURVE_POINTS, 1)
         return recording
@@ -78,6 +82,34 @@ class RecordingSAETrainer(SAETrainer[Any, Any]):
             if scalar or isinstance(value, (int, float)):
                 record[name] = float(value)
         return record
+
+
+def use_fused_adam(optimizer: torch.optim.Optimizer) -> None:
+    """Run SAELens's Adam as PyTorch's fused implementation, where every parameter allows it.
+
+    The same optimizer: same update rule, hyperparameters and state, to float rounding. Only
+    the implementation changes, one fused kernel per parameter instead of a dozen passes over
+    each (SAELens builds ``Adam`` with the defaults, the single-tensor loop on a CPU): 23 ms
+    instead of 100 ms per step for Adam and clipping at d_in 576, d_sae 16384, about a tenth of
+    a sparse training step. Adam reads the flag from its parameter groups at every step, and a
+    checkpoint saved with it restores it. Existing step counters move to their parameter's
+    device, as loading a fused optimizer's state does. Left as it is for another optimizer,
+    non-float parameters, a device without fused kernels, or a differentiable Adam.
+    """
+    if type(optimizer) is not torch.optim.Adam:
+        return
+    groups = optimizer.param_groups
+    params = [param for group in groups for param in group["params"]]
+    if any(group["differentiable"] for group in groups) or not all(
+        param.is_floating_point() and param.device.type in _FUSED_ADAM_DEVICES for param in params
+    ):
+        return
+    for group in groups:
+        group["fused"], group["foreach"] = True, False
+    for param in params:
+        state = optimizer.state.get(param, {})
+        if "step" in state:
+            state["step"] = state["step"].to(dtype=torch.float32, device=param.device)
 
 
 def check_batch_divides(train_batch_size_tokens: int, world_size: int) -> None:

@@ -36,6 +36,7 @@ from sae_lens_batchtopk import calibration as calibration_module
 from sae_lens_batchtopk.runner import CalibratingSAETrainingRunner
 from sae_lens_batchtopk.saes.calibrated_batchtopk_sae import SAE_LENS_FIELDS
 from sae_lens_batchtopk.tools.cli import Resources, main
+from sae_lens_batchtopk.trainer import RecordingSAETrainer, use_fused_adam
 
 # A non-default value for every field of SAELens's BatchTopKTrainingSAEConfig.
 SAE_LENS_VALUES: dict[str, object] = {
@@ -146,6 +147,41 @@ def test_explicit_dead_tokens_window_wins() -> None:
     everything_dead = torch.ones(32, dtype=torch.bool)
     sae.training_forward_pass(step_input(sae, torch.randn(16, 8), dead_neuron_mask=everything_dead))
     assert not sae.dead_mask.any()
+
+
+def trained_weights(fused: bool) -> dict[str, torch.Tensor]:
+    """The weights after 6 SAETrainer steps, with SAELens's Adam as built or run fused."""
+    torch.manual_seed(0)
+    sae = CalibratedBatchTopKTrainingSAE(
+        CalibratedBatchTopKTrainingSAEConfig(d_in=8, d_sae=64, k=2)
+    )
+    trainer = SAETrainer(
+        cfg=trainer_config(6, 64, dead_feature_window=2), sae=sae, data_provider=batches(8, 64, 3)
+    )
+    if fused:
+        RecordingSAETrainer.carrying_state_of(trainer).fit()
+    else:
+        trainer.fit()
+    return {name: value.detach().clone() for name, value in sae.state_dict().items()}
+
+
+def test_our_trainer_runs_sae_lens_adam_fused_with_the_same_updates() -> None:
+    plain, fused = trained_weights(fused=False), trained_weights(fused=True)
+    for name, value in plain.items():
+        torch.testing.assert_close(fused[name], value, rtol=1e-5, atol=1e-6, equal_nan=True)
+    trainer = SAETrainer(
+        cfg=trainer_config(6, 64),
+        sae=CalibratedBatchTopKTrainingSAE(
+            CalibratedBatchTopKTrainingSAEConfig(d_in=8, d_sae=64, k=2)
+        ),
+        data_provider=batches(8, 64, 3),
+    )
+    assert not trainer.optimizer.param_groups[0]["fused"]  # SAELens's own
+    groups = RecordingSAETrainer.carrying_state_of(trainer).optimizer.param_groups
+    assert all(group["fused"] for group in groups)
+    sgd = torch.optim.SGD([torch.zeros(2, requires_grad=True)], lr=0.1)
+    use_fused_adam(sgd)  # another optimizer is left alone
+    assert sgd.param_groups[0]["fused"] is None
 
 
 def synthetic_batches(seed: int, batch: int = 256) -> Iterator[torch.Tensor]:

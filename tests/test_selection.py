@@ -15,6 +15,7 @@ from sae_lens_batchtopk.selection import (
     batch_topk_indices,
     feature_choice,
     feature_choice_cutoffs,
+    indices_above,
     min_positive,
     n_selected,
     per_token_topk_indices,
@@ -235,3 +236,21 @@ def test_per_token_topk_without_columns_or_budget() -> None:
     for columns, k in ((torch.tensor([], dtype=torch.long), 3), (torch.tensor([1, 4]), 0)):
         token_idx, latent_idx = per_token_topk_indices(hidden_pre, columns, k)
         assert token_idx.numel() == latent_idx.numel() == 0
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize(("n_rows", "n_columns"), [(37, 101), (64, 16), (1, 7), (0, 5), (3, 0)])
+def test_indices_above_equals_nonzero_of_the_compare(
+    monkeypatch: pytest.MonkeyPatch, dtype: torch.dtype, n_rows: int, n_columns: int
+) -> None:
+    # Chunks of 3 rows of 101 entries: chunk boundaries inside 8-byte words, a ragged last
+    # chunk; values on a coarse grid, so entries equal to the floor occur (they are not above).
+    monkeypatch.setattr(selection, "_CANDIDATE_CHUNK_ENTRIES", 320)
+    generator = torch.Generator().manual_seed(n_rows * 1000 + n_columns)
+    values = (torch.randn(n_rows, n_columns, generator=generator) * 4).round().to(dtype)
+    per_row = torch.randn(n_rows, generator=generator).round().to(dtype)
+    for floor in (2.0, 0.0, -100.0, 100.0, per_row):
+        expected = values > (floor[:, None] if isinstance(floor, torch.Tensor) else floor)
+        got = indices_above(values, floor)
+        assert got.dtype == torch.long
+        assert torch.equal(got, expected.flatten().nonzero().squeeze(1))

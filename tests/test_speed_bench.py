@@ -16,8 +16,10 @@ from pathlib import Path
 import pytest
 import torch
 from conftest import needs_offline_assets
+from sae_lens.saes.sae import TrainStepInput, TrainStepOutput
 from transformer_lens import HookedTransformer
 
+from sae_lens_batchtopk.saes.calibrated_batchtopk_sae import CalibratedBatchTopKTrainingSAE
 from sae_lens_batchtopk.tools.benchmarks import speed, speed_report
 from sae_lens_batchtopk.tools.benchmarks.activation_cache import ActivationCache
 from sae_lens_batchtopk.tools.benchmarks.harness import MemoryProbe, activation_statistics
@@ -74,7 +76,7 @@ def test_throughput_and_speed_ups_come_from_the_timed_steps(
         return call(), next(seconds)
 
     monkeypatch.setattr(speed, "_timed", fake_timed)
-    monkeypatch.setattr(speed, "probe_training", lambda *args: MemoryProbe(0.0, True))
+    monkeypatch.setattr(speed, "probe_training", lambda *args, **kwargs: MemoryProbe(0.0, True))
     batches = random_batches(config)
     train_stats = (1.0, batches[0].mean(0))
     runs = {}
@@ -220,7 +222,7 @@ def test_matryoshka_runs_time_both_libraries_from_the_same_weights(
     )
     cache = random_cache(config)
     monkeypatch.setattr(speed, "load_model_and_cache", lambda *args: (None, cache))
-    monkeypatch.setattr(speed, "probe_training", lambda *args: MemoryProbe(0.0, True))
+    monkeypatch.setattr(speed, "probe_training", lambda *args, **kwargs: MemoryProbe(0.0, True))
     monkeypatch.setattr(speed, "peak_matmul_flops", lambda device, dtype: 1e9)  # 2048² matmuls
     built = []
 
@@ -282,7 +284,7 @@ def test_autocast_reaches_the_trainer_and_our_run_takes_the_sparse_path(
         output=tmp_path / "out",
     )
     monkeypatch.setattr(speed, "load_model_and_cache", no_model)
-    monkeypatch.setattr(speed, "probe_training", lambda *args: MemoryProbe(0.0, True))
+    monkeypatch.setattr(speed, "probe_training", lambda *args, **kwargs: MemoryProbe(0.0, True))
     peak_dtypes = []
 
     def fake_peak(device: str, dtype: torch.dtype) -> float:
@@ -333,7 +335,7 @@ def test_a_sparse_run_that_falls_back_to_the_dense_path_reports_dense(
 ) -> None:
     """The path column reads what the steps did, not what the config asked for."""
     config = SpeedConfig(d_sae=64, k=4.0, batch_size=32, steps=1, warmup_steps=0)
-    monkeypatch.setattr(speed, "probe_training", lambda *args: MemoryProbe(0.0, True))
+    monkeypatch.setattr(speed, "probe_training", lambda *args, **kwargs: MemoryProbe(0.0, True))
     monkeypatch.setattr(
         speed.CalibratedBatchTopKTrainingSAE, "sparse_path_blocker", lambda *args: "refused"
     )
@@ -398,3 +400,44 @@ def test_peak_matmul_is_measured_in_the_dtype_asked_for(monkeypatch: pytest.Monk
     monkeypatch.setattr(speed, "_timed", fake_timed)
     flops = speed.peak_matmul_flops("cpu", torch.bfloat16, size=64, repeats=2)
     assert flops == 2 * 64**3 / 0.5 and dtypes == [torch.bfloat16] * 2
+
+
+def test_dead_fraction_declares_the_same_latents_dead_in_every_run(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """--dead-fraction: every step of every run (and its memory probe) has that dead set."""
+    config = SpeedConfig(
+        d_sae=64, k=4.0, batch_size=32, steps=2, warmup_steps=1, dead_fraction=0.25
+    )
+    batches = random_batches(config)
+    dead_set = speed.forced_dead_set(config)
+    assert dead_set is not None and dead_set.numel() == 16
+    probed = []
+
+    def probe(
+        runner_config: object, probe_batches: object, stats: object, **kwargs: object
+    ) -> MemoryProbe:
+        probed.append(kwargs["dead_set"])
+        return MemoryProbe(0.0, True)
+
+    monkeypatch.setattr(speed, "probe_training", probe)
+    seen: list[torch.Tensor] = []
+    step = CalibratedBatchTopKTrainingSAE.training_forward_pass
+
+    def spy(sae: CalibratedBatchTopKTrainingSAE, step_input: TrainStepInput) -> TrainStepOutput:
+        seen.append(step_input.dead_neuron_mask.nonzero().squeeze(1))
+        return step(sae, step_input)
+
+    monkeypatch.setattr(CalibratedBatchTopKTrainingSAE, "training_forward_pass", spy)
+    for name in (BATCHTOPK.fast, BATCHTOPK.dense):
+        run = speed.time_training_steps(name, config, batches, (1.0, batches[0].mean(0)))
+        assert run["dead_fraction_end"] == 0.25
+    assert len(seen) == 2 * config.total_steps
+    assert all(torch.equal(dead, dead_set) for dead in seen)
+    assert all(torch.equal(dead, dead_set) for dead in probed)
+    settings = dataclasses.asdict(config)
+    assert "AuxK active (25% of the latents dead at every step)" in speed_report.aux_setting(
+        settings
+    )
+    with pytest.raises(ValueError, match="--dead-fraction must be between 0 and 1"):
+        dataclasses.replace(config, dead_fraction=1.0).validate()

@@ -30,6 +30,7 @@ from sae_lens.training.sae_trainer import SAETrainer
 from transformer_lens import HookedTransformer
 
 from sae_lens_batchtopk.atomic import write_json, write_text
+from sae_lens_batchtopk.saes.calibrated_batchtopk_sae import CalibratedBatchTopKTrainingSAE
 from sae_lens_batchtopk.tools.benchmarks.activation_cache import (
     ActivationCache,
     CacheSpec,
@@ -37,6 +38,7 @@ from sae_lens_batchtopk.tools.benchmarks.activation_cache import (
 )
 from sae_lens_batchtopk.tools.offline import default_cache_dir, load_smollm2
 from sae_lens_batchtopk.tools.report import save_figure
+from sae_lens_batchtopk.trainer import use_fused_adam
 
 MODEL_NAME = "SmolLM2-135M-Instruct"
 # Training steps the peak-memory probe runs: memory is steady after the first optimizer step.
@@ -71,16 +73,20 @@ def new_sae_and_trainer(
 ) -> tuple[TrainingSAE[Any], SAETrainer[Any, Any]]:
     """A fresh SAE and its ``SAETrainer``, set up identically for every compared run.
 
-    Same seed for the initial weights. With ``statistics`` (the bench preset), the decoder
-    bias starts at the train-split mean (see :func:`train_statistics`) and the activation
-    scaling factor is fixed in advance, so the trainer does not estimate it from (and thereby
-    consume) batches of ``batches``. Without (``None``, the sae-lens-defaults preset), both
-    are left to SAELens and the architecture, as a user of the library gets them.
+    Same seed for the initial weights. Our architectures' Adam runs fused, as our runner's
+    trainer runs it (:func:`~sae_lens_batchtopk.trainer.use_fused_adam`, the same update).
+    With ``statistics`` (the bench preset), the decoder bias starts at the train-split mean
+    (see :func:`train_statistics`) and the activation scaling factor is fixed in advance, so
+    the trainer does not estimate it from (and thereby consume) batches of ``batches``.
+    Without (``None``, the sae-lens-defaults preset), both are left to SAELens and the
+    architecture, as a user of the library gets them.
     """
     torch.manual_seed(runner_config.seed)
     sae_class = SAE_TRAINING_CLASS_REGISTRY[runner_config.sae.architecture()][0]
     sae = sae_class(runner_config.sae).to(runner_config.device)
     trainer = SAETrainer(cfg=runner_config.to_sae_trainer_config(), sae=sae, data_provider=batches)
+    if isinstance(sae, CalibratedBatchTopKTrainingSAE):
+        use_fused_adam(trainer.optimizer)  # as our runner trains it; SAELens's SAEs keep theirs
     if statistics is not None:
         scaling_factor, train_mean = statistics
         with torch.no_grad():
@@ -253,6 +259,8 @@ def probe_training(
     runner_config: LanguageModelSAERunnerConfig[Any],
     batches: Sequence[torch.Tensor],
     statistics: tuple[float, torch.Tensor] | None,
+    *,
+    dead_set: torch.Tensor | None = None,
 ) -> MemoryProbe:
     """Peak memory of training in MB, and whether every step took the sparse path.
 
@@ -262,11 +270,12 @@ def probe_training(
     (a fast run after a dense one read 44 MB instead of 173 MB). Memory per step is steady
     after the first optimizer step, so a few steps give the run's peak. The path is recorded
     because a sparse run that fell back to the dense path would report the dense path's memory.
+    ``dead_set``: the latents dead at every step (:func:`force_dead`), as in the timed steps.
     """
     context = torch.multiprocessing.get_context("spawn")
     with context.Pool(1) as pool:
         peak_mb, sparse = pool.apply(
-            _probe_in_child, (runner_config, torch.stack(list(batches)), statistics)
+            _probe_in_child, (runner_config, torch.stack(list(batches)), statistics, dead_set)
         )
     return MemoryProbe(float(peak_mb), bool(sparse))
 
@@ -275,6 +284,7 @@ def _probe_in_child(
     runner_config: LanguageModelSAERunnerConfig[Any],
     batches: torch.Tensor,
     statistics: tuple[float, torch.Tensor] | None,
+    dead_set: torch.Tensor | None,
 ) -> tuple[float, bool]:
     batches = batches.clone()  # private pages, resident before the baseline
     gc.collect()
@@ -282,9 +292,22 @@ def _probe_in_child(
     with peak_memory(runner_config.device) as peak:
         _, trainer = new_sae_and_trainer(runner_config, iter(batches), statistics)
         for batch in batches:
+            if dead_set is not None:
+                force_dead(trainer, dead_set)
             sparse &= took_sparse_path(trainer.step(batch))
             trainer.n_training_steps += 1
     return peak["mb"], sparse
+
+
+def force_dead(trainer: SAETrainer[Any, Any], dead_set: torch.Tensor) -> None:
+    """Make the trainer's ``dead_neurons`` exactly ``dead_set`` for the next step.
+
+    Both SAELens's SAEs and ours (without an explicit ``dead_tokens_window``) take the
+    trainer's mask, which counts steps since each latent fired.
+    """
+    counters = trainer.n_forward_passes_since_fired
+    counters.zero_()
+    counters[dead_set.to(counters.device)] = trainer.cfg.dead_feature_window + 1
 
 
 def took_sparse_path(output: TrainStepOutput) -> bool:

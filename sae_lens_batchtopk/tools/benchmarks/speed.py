@@ -72,6 +72,7 @@ from sae_lens_batchtopk.tools.benchmarks.harness import (
     MEMORY_PROBE_STEPS,
     MODEL_NAME,
     activation_statistics,
+    force_dead,
     load_model_and_cache,
     machine_info,
     new_sae_and_trainer,
@@ -142,6 +143,9 @@ class SpeedConfig:
     dead_window_steps: int = 2
     """Latents idle this many steps count as dead for AuxK (built-in: dead_feature_window;
     ours: that many steps' tokens), so every run's AuxK path is timed."""
+    dead_fraction: float | None = None
+    """Instead, this fraction of the latents (one seeded set, e.g. 0.25) counts as dead at
+    every step of every run, whatever fired: AuxK timed at a fixed dead fraction."""
     lr: float = 4e-4
     """Adam learning rate."""
     hook_name: str = field(default="blocks.3.hook_resid_post", alias="--hook")
@@ -209,6 +213,10 @@ class SpeedConfig:
             raise ValueError("--use-matryoshka-aux-loss needs --matryoshka-widths")
         if self.warmup_steps < 0:
             raise ValueError(f"--warmup-steps must be >= 0, got {self.warmup_steps}")
+        if self.dead_fraction is not None and not 0 < self.dead_fraction < 1:
+            raise ValueError(
+                f"--dead-fraction must be between 0 and 1 (exclusive), got {self.dead_fraction}"
+            )
         check_k(self.k, self.d_sae)
         require_positive(self, ("lr",))
         check_device(self.device)
@@ -378,7 +386,7 @@ def runner_config_for(
         **config.family_options(),
         **(
             {"dead_tokens_window": config.dead_window_steps * config.batch_size}
-            if architecture == config.family.ours
+            if architecture == config.family.ours and config.dead_fraction is None
             else {}
         ),
         training_tokens=config.total_steps * config.batch_size,
@@ -401,7 +409,12 @@ def probe_run_memory(
 ) -> dict[str, Any]:
     """Run ``name``'s peak memory over ``config.memory_probe_steps`` steps, and its path."""
     runner_config = runner_config_for(name, config, batches[0].shape[-1])
-    probe = probe_training(runner_config, batches[: config.memory_probe_steps], train_stats)
+    probe = probe_training(
+        runner_config,
+        batches[: config.memory_probe_steps],
+        train_stats,
+        dead_set=forced_dead_set(config),
+    )
     return {
         "architecture": runner_config.sae.architecture(),
         "fast_path": probe.sparse_path,
@@ -429,7 +442,11 @@ def time_training_steps(
         config.batch_size, config.d_sae, dtype=config.matmul_dtype, device=config.device
     )
     seconds, matmul_seconds, mse, selected, sparse = [], [], [], [], []
+    dead_set = forced_dead_set(config)
     for step, batch in enumerate(batches[: config.total_steps]):
+        if dead_set is not None:
+            force_dead(trainer, dead_set)
+        dead_fraction = float(trainer.dead_neurons.float().mean())  # what the step's AuxK sees
         output, elapsed = _timed(config.device, lambda batch=batch: trainer.step(batch))
         trainer.n_training_steps += 1
         if step >= config.warmup_steps:
@@ -439,7 +456,9 @@ def time_training_steps(
         mse.append(float(output.losses["mse_loss"].detach()))
         selected.append(float(output.feature_acts.bool().float().sum().to_dense()))
         sparse.append(took_sparse_path(output))
-    probe = probe_training(runner_config, batches[: config.memory_probe_steps], train_stats)
+    probe = probe_training(
+        runner_config, batches[: config.memory_probe_steps], train_stats, dead_set=dead_set
+    )
     # Work the step cannot avoid: the dense encoder forward, and per selected entry a
     # decode, its two gradients and the encoder's two gradients (d_in multiply-adds each).
     required = encoder_flops(config, d_in) + 10 * statistics.mean(selected) * d_in
@@ -454,8 +473,17 @@ def time_training_steps(
         "peak_memory_mb": probe.peak_mb,
         "required_flops_per_s": required / speed["median_step_s"],
         "mse_loss": mse,
-        "dead_fraction_end": float(trainer.dead_neurons.float().mean()),
+        "dead_fraction_end": dead_fraction,
     }
+
+
+def forced_dead_set(config: SpeedConfig) -> torch.Tensor | None:
+    """The latents ``--dead-fraction`` declares dead (the same seeded set for every run)."""
+    if config.dead_fraction is None:
+        return None
+    generator = torch.Generator().manual_seed(config.seed)
+    order = torch.randperm(config.d_sae, generator=generator)
+    return order[: round(config.dead_fraction * config.d_sae)].sort().values
 
 
 def encoder_flops(config: SpeedConfig, d_in: int) -> int:

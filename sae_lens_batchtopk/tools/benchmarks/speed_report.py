@@ -50,7 +50,7 @@ def run_columns(baseline: str) -> tuple[Column, ...]:
         ("step: fraction of peak matmul", "fraction_of_peak", "{:.1%}"),
         ("encoder matmul: fraction of peak", "encoder_matmul_fraction_of_peak", "{:.1%}"),
         ("final MSE", lambda run: f"{run['mse_loss'][-1]:.4f}", ""),
-        ("dead at end", "dead_fraction_end", "{:.1%}"),
+        ("dead (last step)", "dead_fraction_end", "{:.1%}"),
     )
 
 
@@ -79,6 +79,8 @@ def aux_setting(settings: Mapping[str, Any]) -> str:
         )
     else:
         rule = "AuxK"
+    if settings.get("dead_fraction") is not None:
+        return f"{rule} active ({settings['dead_fraction']:.0%} of the latents dead at every step)"
     window = settings["dead_window_steps"]
     steps = (
         settings["memory_probe_steps"]
