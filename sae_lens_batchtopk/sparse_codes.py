@@ -36,10 +36,6 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
-# Latents per block of the encoder gradient's transpose on a CPU: the block's source rows
-# (1024 x d_in) stay in cache while its columns are written.
-_TRANSPOSE_BLOCK = 1024
-
 
 @dataclass(frozen=True)
 class SparseLayout:
@@ -222,7 +218,7 @@ class _GatherPreactivations(torch.autograd.Function):
             grad_in = _bag_sums(layout, grad, W_enc.t()).to(sae_in.dtype)
         if ctx.needs_input_grad[1]:
             # Column j: sum over j's entries of grad * sae_in[token].
-            grad_W_enc = _transposed(_latent_sums(layout, sae_in, grad), W_enc.dtype)
+            grad_W_enc = _latent_sums(layout, sae_in, grad).t().to(W_enc.dtype)
         if ctx.needs_input_grad[2] or ctx.needs_input_grad[3]:
             per_latent = grad.new_zeros(layout.d_sae).index_add_(0, layout.latent_idx, grad)
             if ctx.needs_input_grad[2]:
@@ -284,23 +280,6 @@ def _entry_dots(layout: SparseLayout, rows: torch.Tensor, table: torch.Tensor) -
         pattern, acc_table, _accumulating(rows, table.dtype).t(), beta=0.0
     ).values()
     return torch.empty_like(by_latent).index_copy_(0, order, by_latent)
-
-
-def _transposed(sums: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
-    """``sums.t()`` as a new contiguous tensor of ``dtype``: ``W_enc``'s own layout.
-
-    Returned as a transposed view, the gradient would be copied into the parameter's layout by
-    autograd's accumulation, one strided pass over the whole ``d_in x d_sae`` matrix (on a CPU,
-    about 5 % of a training step at d_sae 16384). Copied here block by block instead, each
-    block's source rows stay in cache, and autograd takes the result as it is.
-    """
-    out = torch.empty(sums.shape[::-1], dtype=dtype, device=sums.device)
-    if sums.device.type != "cpu":
-        return out.copy_(sums.t())
-    for start in range(0, sums.shape[0], _TRANSPOSE_BLOCK):
-        block = sums[start : start + _TRANSPOSE_BLOCK]
-        out[:, start : start + _TRANSPOSE_BLOCK].copy_(block.t())
-    return out
 
 
 def _accumulation_dtype(dtype: torch.dtype) -> torch.dtype:
