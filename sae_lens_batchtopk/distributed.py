@@ -366,10 +366,11 @@ class DistributedBatch:
             return torch.zeros(0, dtype=torch.long, device=flat.device)
         # A process without a floor of its own proposes 0: every positive entry.
         agreed_floor = float(shares[:, 1].min())
-        candidates = indices_above(flat.view(-1, d_sae), agreed_floor)
+        rows = flat.view(-1, d_sae)
+        candidates = indices_above(rows, agreed_floor)
         n_candidates = int(self.summed(torch.tensor([candidates.numel()])))
         if n_candidates < n_keep and agreed_floor > 0:
-            candidates = indices_above(flat.view(-1, d_sae), 0.0)
+            candidates = indices_above(rows, 0.0)
             n_candidates = int(self.summed(torch.tensor([candidates.numel()])))
         if n_candidates <= n_keep:
             return candidates

@@ -85,14 +85,15 @@ def batch_topk_indices(hidden_pre: torch.Tensor, k: float, *, fast: bool = True)
     n_keep = min(n_selected(k, hidden_pre.shape[:-1].numel()), flat.numel())
     if n_keep == 0:
         return torch.zeros(0, dtype=torch.long, device=flat.device)
+    rows = flat.view(-1, hidden_pre.shape[-1])
     candidates = None
     floor = sampled_floor(flat, n_keep, hidden_pre.shape[-1]) if fast else None
     if floor is not None:
-        candidates = indices_above(flat.view(-1, hidden_pre.shape[-1]), floor)
+        candidates = indices_above(rows, floor)
         if candidates.numel() < n_keep and floor > 0:
             candidates = None
     if candidates is None:
-        candidates = indices_above(flat.view(-1, hidden_pre.shape[-1]), 0.0)
+        candidates = indices_above(rows, 0.0)
     return candidates[largest_mask(flat[candidates], n_keep)]
 
 
