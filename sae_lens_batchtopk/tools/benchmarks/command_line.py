@@ -22,6 +22,8 @@ from typing import Any, Literal, TypeVar, get_args
 import torch
 from simple_parsing import ArgumentParser, DashVariant, field
 
+from sae_lens_batchtopk.cpu_memory import retain_freed_cpu_memory
+
 # Where the parsed config dataclass lands in the namespace.
 CONFIG = "config"
 # Where a benchmark runs: a choice on the command line; cuda is refused where it is missing.
@@ -167,6 +169,8 @@ def run_command(
     record.
     """
     argv = list(sys.argv[1:] if argv is None else argv)
+    # Every benchmark process is ours; the runs compared in it share the allocator setting.
+    retain_freed_cpu_memory()
     try:
         prepared = prepare(argv)
     except ValueError as error:

@@ -30,6 +30,7 @@ from sae_lens.training.sae_trainer import SAETrainer
 from transformer_lens import HookedTransformer
 
 from sae_lens_batchtopk.atomic import write_json, write_text
+from sae_lens_batchtopk.cpu_memory import RETAINED, cpu_allocator_state, retain_freed_cpu_memory
 from sae_lens_batchtopk.saes.calibrated_batchtopk_sae import CalibratedBatchTopKTrainingSAE
 from sae_lens_batchtopk.tools.benchmarks.activation_cache import (
     ActivationCache,
@@ -271,11 +272,15 @@ def probe_training(
     after the first optimizer step, so a few steps give the run's peak. The path is recorded
     because a sparse run that fell back to the dense path would report the dense path's memory.
     ``dead_set``: the latents dead at every step (:func:`force_dead`), as in the timed steps.
+    The child runs with this process's CPU allocator setting
+    (:func:`~sae_lens_batchtopk.cpu_memory.retain_freed_cpu_memory`).
     """
     context = torch.multiprocessing.get_context("spawn")
+    retain_memory = cpu_allocator_state() == RETAINED
     with context.Pool(1) as pool:
         peak_mb, sparse = pool.apply(
-            _probe_in_child, (runner_config, torch.stack(list(batches)), statistics, dead_set)
+            _probe_in_child,
+            (runner_config, torch.stack(list(batches)), statistics, dead_set, retain_memory),
         )
     return MemoryProbe(float(peak_mb), bool(sparse))
 
@@ -285,7 +290,10 @@ def _probe_in_child(
     batches: torch.Tensor,
     statistics: tuple[float, torch.Tensor] | None,
     dead_set: torch.Tensor | None,
+    retain_memory: bool,
 ) -> tuple[float, bool]:
+    if retain_memory:  # the allocator the timed steps ran with
+        retain_freed_cpu_memory()
     batches = batches.clone()  # private pages, resident before the baseline
     gc.collect()
     sparse = True
@@ -336,6 +344,7 @@ def machine_info() -> dict[str, Any]:
         "cores": os.cpu_count(),
         "gpu": torch.cuda.get_device_name() if torch.cuda.is_available() else None,
         "torch": torch.__version__,
+        "cpu_allocator": cpu_allocator_state(),
     }
 
 
@@ -395,6 +404,8 @@ def section_header(results: Mapping[str, Any], caller: str, machine_note: str = 
         "",
         f"- Machine: {machine['cpu']}, {machine['cores']} cores, GPU: {machine['gpu'] or 'none'};"
         f" torch {machine['torch']}; device `{results['settings']['device']}`{machine_note}.",
+        # Results written before the allocator was recorded have no entry.
+        f"- CPU allocator: {machine.get('cpu_allocator', 'not recorded')}.",
         f"- Date (UTC): {results['date']}.",
     ]
 

@@ -1,0 +1,104 @@
+"""retain_freed_cpu_memory: large blocks come from the reusable heap, and user settings win.
+
+Each case runs in a fresh interpreter: the setting is process-wide and must not leak into the
+rest of the test session.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import platform
+import subprocess
+import sys
+
+import pytest
+
+pytestmark = pytest.mark.skipif(
+    platform.system() != "Linux" or platform.libc_ver()[0] != "glibc",
+    reason="the setting applies to glibc's malloc only",
+)
+
+# Allocates a 64 MB tensor (above glibc's largest mmap threshold) and reports how many bytes
+# glibc holds in mmapped blocks while it is alive, before and after the call under test.
+_PROBE = """
+import ctypes, json, sys, torch
+from sae_lens_batchtopk.cpu_memory import cpu_allocator_state, retain_freed_cpu_memory
+
+class MallInfo2(ctypes.Structure):
+    _fields_ = [(name, ctypes.c_size_t) for name in (
+        "arena", "ordblks", "smblks", "hblks", "hblkhd", "usmblks", "fsmblks", "uordblks",
+        "fordblks", "keepcost")]
+
+libc = ctypes.CDLL(None)
+libc.mallinfo2.restype = MallInfo2
+
+def mmapped_while_allocated():
+    before = libc.mallinfo2().hblkhd
+    block = torch.ones(16 * 2**20)
+    during = libc.mallinfo2().hblkhd
+    del block
+    return during - before
+
+report = {"state_before": cpu_allocator_state(), "mmapped_before": mmapped_while_allocated()}
+report["returned"] = retain_freed_cpu_memory()
+report["again"] = retain_freed_cpu_memory()
+report["state_after"] = cpu_allocator_state()
+report["mmapped_after"] = mmapped_while_allocated()
+print(json.dumps(report))
+"""
+
+_BLOCK_BYTES = 64 * 2**20
+
+
+def _run_probe(**environment: str) -> dict[str, object]:
+    env = {
+        name: value
+        for name, value in os.environ.items()
+        if not name.startswith("MALLOC_") and name not in ("GLIBC_TUNABLES", "LD_PRELOAD")
+    }
+    env.update(environment)
+    done = subprocess.run(
+        [sys.executable, "-c", _PROBE], env=env, capture_output=True, text=True, check=True
+    )
+    return json.loads(done.stdout.splitlines()[-1])
+
+
+def test_large_blocks_come_from_the_heap_once_retained() -> None:
+    from sae_lens_batchtopk.cpu_memory import RETAINED
+
+    report = _run_probe()
+    assert report["mmapped_before"] >= _BLOCK_BYTES  # glibc's default: a fresh mapping
+    assert report["returned"] == report["again"] == report["state_after"] == RETAINED
+    assert report["state_before"].startswith("system default")
+    assert report["mmapped_after"] == 0
+
+
+@pytest.mark.parametrize(
+    ("variable", "value", "named"),
+    [
+        ("MALLOC_MMAP_MAX_", "65536", "MALLOC_MMAP_MAX_=65536"),
+        ("GLIBC_TUNABLES", "glibc.malloc.trim_threshold=131072", "GLIBC_TUNABLES"),
+    ],
+)
+def test_the_users_malloc_settings_are_left_as_they_are(
+    variable: str, value: str, named: str
+) -> None:
+    report = _run_probe(**{variable: value})
+    assert named in report["returned"] and "left as it is" in report["returned"]
+    assert report["mmapped_after"] >= _BLOCK_BYTES  # still glibc's default behaviour
+
+
+def test_the_command_line_retains_freed_memory(monkeypatch: pytest.MonkeyPatch) -> None:
+    """`sae-batchtopk` turns it on for its own process; benchmarks record it."""
+    import sae_lens_batchtopk.tools.cli as cli
+    from sae_lens_batchtopk.tools.benchmarks.harness import machine_info
+
+    calls: list[bool] = []
+    monkeypatch.setattr(cli, "retain_freed_cpu_memory", lambda: calls.append(True) or "set")
+    with pytest.raises(SystemExit):
+        cli.main(["--help"])
+    assert calls == [True]
+    from sae_lens_batchtopk.cpu_memory import cpu_allocator_state
+
+    assert machine_info()["cpu_allocator"] == cpu_allocator_state()
