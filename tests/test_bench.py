@@ -473,9 +473,38 @@ def test_comparison_cells_pick_the_compared_rows() -> None:
     )
     assert first["ce_loss_score"] == {"ours": 0.9, "builtin": 0.9, "topk": 0.9}
     assert second["verdict"] == "n/a: cannot reach 9" and second["topk_nmse"] is None
+    assert first["ours_lower_l0"] is None  # no lower-L0 row: the cell did not need one
     assert "| `h` | 4 | 64 | 4,096 |" in quality_report.quality_table(
         [first], quality_report.CELL_COLUMNS
     )
+
+
+@pytest.mark.parametrize(
+    ("lower_l0", "lower_nmse", "verdict"),
+    [
+        (9.02, 0.16, "yes (ours at L0 9.02: NMSE 0.1600)"),  # within 1 % now, and lower
+        (8.70, 0.19, "yes (ours at L0 8.70: NMSE 0.1900)"),  # fewer latents and no worse
+        (9.05, 0.21, "no (ours at L0 9.05: NMSE 0.2100)"),  # equal L0 and worse
+        (8.70, 0.21, "unclear"),  # fewer latents and worse: still undecided
+    ],
+)
+def test_ours_below_the_builtin_l0_decides_an_unclear_cell(
+    lower_l0: float, lower_nmse: float, verdict: str
+) -> None:
+    def row(label: str, l0: float, nmse: float) -> dict:
+        return {"label": label, "hook": "h", "d_sae": 64, "k": 4, "training_tokens": 4096,
+                "snapshot": False, "l0_mean": l0, "nmse": nmse}  # fmt: skip
+
+    rows = [
+        row("batchtopk[ema]", 9.0, 0.20),
+        row("calibrated_batchtopk[l0]", 4.1, 0.22),
+        row(f"calibrated_batchtopk[{quality_report.EQUAL_L0_METHOD}]", 9.2, 0.15),  # +2.2 %
+        row(f"calibrated_batchtopk[{quality_report.LOWER_L0_METHOD}]", lower_l0, lower_nmse),
+    ]
+    (cell,) = quality_report.comparison_cells(rows)
+    assert cell["verdict"] == verdict
+    assert (cell["ours_lower_l0"], cell["ours_lower_l0_nmse"]) == (lower_l0, lower_nmse)
+    assert quality_report.LOWER_L0_METHOD == "l0@batchtopk-3%"
 
 
 @pytest.mark.parametrize(("builtin_l0", "reachable"), [(6.0, True), (60.0, False)])
@@ -490,11 +519,14 @@ def test_ours_is_calibrated_to_the_builtin_l0_or_says_why_not(
     forms = list(quality._inference_saes(ARCHITECTURE, trained, calibration, config, builtin_l0))
 
     methods = [method for method, _, _ in forms]
-    assert methods == (["l0", quality_report.EQUAL_L0_METHOD] if reachable else ["l0"])
+    compared = [quality_report.EQUAL_L0_METHOD, quality_report.LOWER_L0_METHOD]
+    assert methods == (["l0", *compared] if reachable else ["l0"])
     assert forms[0][2]["calibration_target_l0"] == 4
     if reachable:
         assert forms[1][2]["calibration_target_l0"] == builtin_l0
         assert forms[1][2]["calibration_l0"] == pytest.approx(builtin_l0, rel=0.05)
+        assert forms[2][2]["calibration_target_l0"] == pytest.approx(builtin_l0 * 0.97)
+        assert forms[2][1].threshold.min() > forms[1][1].threshold.min()  # fewer fire
         assert "equal_l0_error" not in forms[0][2]
     else:  # a target ours cannot fire often enough for is reported, not fatal
         assert "cannot fire that often" in forms[0][2]["equal_l0_error"]
