@@ -7,14 +7,17 @@ sums autograd forms), so on a CPU each of them is page-faulted in and zeroed by 
 every step: adding two 576 x 16384 float32 matrices into a fresh tensor takes 20 ms, into
 reused memory 3-5 ms, and at d_sae 16384 with AuxK the whole step spends 0.1-0.2 s (10-15 %)
 this way. Turning ``mmap`` off for new blocks and raising the trim threshold keeps freed
-blocks in the heap, where the next step's allocations of the same sizes reuse them. The cost:
-memory freed late in a run stays resident (the peak stays the peak).
+blocks in the heap, where the next step's allocations of the same sizes reuse them.
 
-This is process-wide, so only this package's own commands turn it on
-(:func:`retain_freed_cpu_memory` is public for scripts and notebooks that want it); PyTorch's
-CPU performance guide recommends jemalloc or tcmalloc for the same reason. A process that
-preloads another allocator, or sets glibc's malloc tunables itself, is left as it is: that is
-how a user keeps glibc's defaults (``MALLOC_MMAP_MAX_=65536``, glibc's default value).
+It is opt-in: ``SAE_BATCHTOPK_RETAIN_FREED_MEMORY=1`` for this package's commands, or
+:func:`retain_freed_cpu_memory` in a script. A heap that never unmaps also fragments: blocks
+of varying sizes leave holes that a larger request cannot use, so the peak can grow well
+beyond the allocator's default. Our sparse step at d_sae 16384 peaked 2-12 % higher;
+SAELens's dense ``batchtopk`` step at d_in 2304, d_sae 65536, which peaks at 14.4 GB, had
+reached 19.8 GB when the kernel killed it (24 GB machine, other jobs running). PyTorch's CPU performance guide
+recommends jemalloc or tcmalloc, which reuse memory without that cost, for the same reason. A
+process that preloads another allocator, or sets glibc's malloc tunables itself, is left as it
+is.
 """
 
 from __future__ import annotations
@@ -39,6 +42,8 @@ _MALLOC_ENVIRONMENT = (
 _OTHER_ALLOCATORS = ("jemalloc", "tcmalloc", "mimalloc")
 
 RETAINED = "glibc malloc: freed memory retained (mmap off, trim threshold 2 GiB)"
+# Set to 1 to have this package's commands call retain_freed_cpu_memory.
+RETAIN_VARIABLE = "SAE_BATCHTOPK_RETAIN_FREED_MEMORY"
 
 
 @cache
@@ -60,11 +65,28 @@ def retain_freed_cpu_memory() -> str:
     return RETAINED
 
 
+def retain_freed_cpu_memory_if_asked() -> str:
+    """:func:`retain_freed_cpu_memory` when ``SAE_BATCHTOPK_RETAIN_FREED_MEMORY=1``.
+
+    What our commands call first. Returns :func:`cpu_allocator_state`; raises ``ValueError``
+    naming the variable for any value but ``0``/``1``, before any work.
+    """
+    value = os.environ.get(RETAIN_VARIABLE, "0")
+    if value not in ("0", "1"):
+        raise ValueError(
+            f"{RETAIN_VARIABLE}={value!r}: set it to 1 to keep freed CPU memory for reuse"
+            " (faster CPU steps, higher peak memory) or 0 (default) for glibc's defaults"
+        )
+    if value == "1":
+        retain_freed_cpu_memory()
+    return cpu_allocator_state()
+
+
 def cpu_allocator_state() -> str:
     """What :func:`retain_freed_cpu_memory` did in this process, or that it was not called."""
     if retain_freed_cpu_memory.cache_info().currsize:
         return retain_freed_cpu_memory()
-    return "system default (retain_freed_cpu_memory not called)"
+    return f"system default ({RETAIN_VARIABLE} not set)"
 
 
 def _reason_to_leave_allocator() -> str | None:

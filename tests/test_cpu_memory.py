@@ -1,4 +1,5 @@
-"""retain_freed_cpu_memory: large blocks come from the reusable heap, and user settings win.
+"""retain_freed_cpu_memory: large blocks come from the reusable heap, only when asked for, and
+the user's own allocator settings win.
 
 Each case runs in a fresh interpreter: the setting is process-wide and must not leak into the
 rest of the test session.
@@ -14,6 +15,8 @@ import sys
 
 import pytest
 
+from sae_lens_batchtopk.cpu_memory import RETAIN_VARIABLE, RETAINED, cpu_allocator_state
+
 pytestmark = pytest.mark.skipif(
     platform.system() != "Linux" or platform.libc_ver()[0] != "glibc",
     reason="the setting applies to glibc's malloc only",
@@ -23,7 +26,8 @@ pytestmark = pytest.mark.skipif(
 # glibc holds in mmapped blocks while it is alive, before and after the call under test.
 _PROBE = """
 import ctypes, json, sys, torch
-from sae_lens_batchtopk.cpu_memory import cpu_allocator_state, retain_freed_cpu_memory
+from sae_lens_batchtopk.cpu_memory import (
+    cpu_allocator_state, retain_freed_cpu_memory, retain_freed_cpu_memory_if_asked)
 
 class MallInfo2(ctypes.Structure):
     _fields_ = [(name, ctypes.c_size_t) for name in (
@@ -41,8 +45,9 @@ def mmapped_while_allocated():
     return during - before
 
 report = {"state_before": cpu_allocator_state(), "mmapped_before": mmapped_while_allocated()}
-report["returned"] = retain_freed_cpu_memory()
-report["again"] = retain_freed_cpu_memory()
+call = retain_freed_cpu_memory_if_asked if sys.argv[1] == "asked" else retain_freed_cpu_memory
+report["returned"] = call()
+report["again"] = call()
 report["state_after"] = cpu_allocator_state()
 report["mmapped_after"] = mmapped_while_allocated()
 print(json.dumps(report))
@@ -51,22 +56,21 @@ print(json.dumps(report))
 _BLOCK_BYTES = 64 * 2**20
 
 
-def _run_probe(**environment: str) -> dict[str, object]:
+def _run_probe(call: str = "direct", **environment: str) -> dict[str, object]:
     env = {
         name: value
         for name, value in os.environ.items()
-        if not name.startswith("MALLOC_") and name not in ("GLIBC_TUNABLES", "LD_PRELOAD")
+        if not name.startswith("MALLOC_")
+        and name not in ("GLIBC_TUNABLES", "LD_PRELOAD", RETAIN_VARIABLE)
     }
     env.update(environment)
     done = subprocess.run(
-        [sys.executable, "-c", _PROBE], env=env, capture_output=True, text=True, check=True
+        [sys.executable, "-c", _PROBE, call], env=env, capture_output=True, text=True, check=True
     )
     return json.loads(done.stdout.splitlines()[-1])
 
 
 def test_large_blocks_come_from_the_heap_once_retained() -> None:
-    from sae_lens_batchtopk.cpu_memory import RETAINED
-
     report = _run_probe()
     assert report["mmapped_before"] >= _BLOCK_BYTES  # glibc's default: a fresh mapping
     assert report["returned"] == report["again"] == report["state_after"] == RETAINED
@@ -89,16 +93,24 @@ def test_the_users_malloc_settings_are_left_as_they_are(
     assert report["mmapped_after"] >= _BLOCK_BYTES  # still glibc's default behaviour
 
 
-def test_the_command_line_retains_freed_memory(monkeypatch: pytest.MonkeyPatch) -> None:
-    """`sae-batchtopk` turns it on for its own process; benchmarks record it."""
+@pytest.mark.parametrize(("asked", "retained"), [({}, False), ({RETAIN_VARIABLE: "1"}, True)])
+def test_our_commands_retain_freed_memory_only_when_asked(
+    asked: dict[str, str], retained: bool
+) -> None:
+    report = _run_probe("asked", **asked)
+    assert (report["returned"] == RETAINED) is retained
+    assert report["returned"] == report["state_after"]
+    assert (report["mmapped_after"] == 0) is retained
+
+
+def test_a_bad_retain_value_is_refused_by_name(
+    monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
     import sae_lens_batchtopk.tools.cli as cli
     from sae_lens_batchtopk.tools.benchmarks.harness import machine_info
 
-    calls: list[bool] = []
-    monkeypatch.setattr(cli, "retain_freed_cpu_memory", lambda: calls.append(True) or "set")
-    with pytest.raises(SystemExit):
-        cli.main(["--help"])
-    assert calls == [True]
-    from sae_lens_batchtopk.cpu_memory import cpu_allocator_state
-
+    monkeypatch.setenv(RETAIN_VARIABLE, "yes")
+    assert cli.main(["eval", "no-such-folder"]) == 2
+    error = capsys.readouterr().err
+    assert f"{RETAIN_VARIABLE}='yes'" in error and "set it to 1" in error
     assert machine_info()["cpu_allocator"] == cpu_allocator_state()

@@ -56,7 +56,7 @@ from sae_lens_batchtopk.calibration import (
     METHODS,
     CalibrationError,
 )
-from sae_lens_batchtopk.cpu_memory import retain_freed_cpu_memory
+from sae_lens_batchtopk.cpu_memory import retain_freed_cpu_memory_if_asked
 from sae_lens_batchtopk.distributed import init_process_group
 from sae_lens_batchtopk.distributed_runner import (
     DistributedSAETrainingRunner,
@@ -906,8 +906,11 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: Sequence[str] | None = None, resources: Resources | None = None) -> int:
     """Entry point. ``resources`` replaces the model/data the config names (used by tests)."""
     args_list = list(sys.argv[1:] if argv is None else argv)
-    # This process is ours: let every command's training steps reuse freed memory.
-    logger.info("CPU allocator: %s", retain_freed_cpu_memory())
+    try:
+        logger.info("CPU allocator: %s", retain_freed_cpu_memory_if_asked())
+    except ValueError as error:
+        print(f"error: {error}", file=sys.stderr)
+        return 2
     if args_list[:1] == ["sae-lens"]:
         # Importing this package (which this module belongs to) registered the architectures.
         _run_cli(args_list[1:])

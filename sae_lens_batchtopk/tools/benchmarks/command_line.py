@@ -22,7 +22,7 @@ from typing import Any, Literal, TypeVar, get_args
 import torch
 from simple_parsing import ArgumentParser, DashVariant, field
 
-from sae_lens_batchtopk.cpu_memory import retain_freed_cpu_memory
+from sae_lens_batchtopk.cpu_memory import retain_freed_cpu_memory_if_asked
 
 # Where the parsed config dataclass lands in the namespace.
 CONFIG = "config"
@@ -169,9 +169,9 @@ def run_command(
     record.
     """
     argv = list(sys.argv[1:] if argv is None else argv)
-    # Every benchmark process is ours; the runs compared in it share the allocator setting.
-    retain_freed_cpu_memory()
     try:
+        # The runs compared in one benchmark process share the allocator setting.
+        retain_freed_cpu_memory_if_asked()
         prepared = prepare(argv)
     except ValueError as error:
         print(f"sae-batchtopk {name}: error: {error}", file=sys.stderr)
