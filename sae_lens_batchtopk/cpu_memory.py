@@ -10,15 +10,14 @@ this way. Turning ``mmap`` off for new blocks and raising the trim threshold kee
 blocks in the heap, where the next step's allocations of the same sizes reuse them.
 
 It is opt-in: ``SAE_BATCHTOPK_RETAIN_FREED_MEMORY=1`` for this package's commands, or
-:func:`retain_freed_cpu_memory` in a script. A heap that never unmaps also fragments: blocks
-of varying sizes leave holes that a larger request cannot use, so the peak can grow well
-beyond the allocator's default. Our sparse step peaked 2-12 % higher at d_sae 16384 and
-23 % higher at d_sae 65536;
-SAELens's dense ``batchtopk`` step at d_in 2304, d_sae 65536, which peaks at 14.4 GB, had
-reached 19.8 GB when the kernel killed it (24 GB machine, other jobs running). PyTorch's CPU performance guide
-recommends jemalloc or tcmalloc, which reuse memory without that cost, for the same reason. A
-process that preloads another allocator, or sets glibc's malloc tunables itself, is left as it
-is.
+:func:`retain_freed_cpu_memory` in a script. A heap that never unmaps also fragments: blocks of
+varying sizes leave holes that a larger request cannot use, so the peak can grow well beyond
+the allocator's default. Our sparse step peaked 2-12 % higher at d_sae 16384 and 23 % higher at
+d_sae 65536; SAELens's dense ``batchtopk`` step at d_in 2304, d_sae 65536, which peaks at 14.4
+GB, had reached 19.8 GB when the kernel killed it (24 GB machine, other jobs running).
+PyTorch's CPU performance guide recommends jemalloc or tcmalloc, which reuse memory without
+that cost, for the same reason. A process that preloads another allocator, or sets glibc's
+malloc tunables itself, is left as it is.
 """
 
 from __future__ import annotations
