@@ -214,11 +214,9 @@ def run_benchmark(
                 )
                 builtin_l0s = _builtin_l0s(config, architecture, rows, k, d_sae)
                 # Ours is calibrated to the built-in's L0s: a stored run is valid only for them.
-                if builtin_l0s is not None and config.preset != BENCH_PRESET:
-                    # The sae-lens-defaults preset also calibrates ours below the built-in's L0.
-                    run_fingerprint = _hash([fingerprint, builtin_l0s, LOWER_L0_MARGIN])
-                elif builtin_l0s is not None:
-                    run_fingerprint = _hash([fingerprint, builtin_l0s])
+                if builtin_l0s is not None:
+                    margins = _lower_l0_margins(config)
+                    run_fingerprint = _hash([fingerprint, builtin_l0s, *margins])
                 else:
                     run_fingerprint = fingerprint
                 run = _finished_run(run_file, run_fingerprint, config.rerun)
@@ -376,6 +374,15 @@ def _equal_l0_builtin(config: BenchConfig, architecture: str) -> str | None:
     if architecture == CALIBRATED_MATRYOSHKA and "matryoshka_batchtopk" in config.architectures:
         return "matryoshka_batchtopk"
     return None
+
+
+def _lower_l0_margins(config: BenchConfig) -> tuple[float, ...]:
+    """How far below the built-in's L0 ours is also calibrated: only under the sae-lens-defaults
+    preset, where :func:`~.quality_report.comparison_cells` judges the equal-L0 verdict.
+
+    Part of ours' run fingerprint too, so run files from before the lower calibration retrain.
+    """
+    return (LOWER_L0_MARGIN,) if config.preset != BENCH_PRESET else ()
 
 
 def _builtin_l0s(
@@ -612,8 +619,8 @@ def _inference_saes(
             # First, so that a target ours cannot reach is reported on its [l0] row instead of
             # ending the benchmark.
             targets = {equal_l0_method(builtin): builtin_l0}
-            if defaults_preset:  # where the equal-L0 verdict is judged (comparison_cells)
-                targets[lower_l0_method(builtin)] = builtin_l0 * (1 - LOWER_L0_MARGIN)
+            for margin in _lower_l0_margins(config):
+                targets[lower_l0_method(builtin)] = builtin_l0 * (1 - margin)
             try:
                 for method, target in targets.items():
                     extra = _calibrate(trained, calibration, "l0", target_l0=target)
