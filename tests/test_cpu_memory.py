@@ -17,9 +17,12 @@ import pytest
 
 from sae_lens_batchtopk.cpu_memory import RETAIN_VARIABLE, RETAINED, cpu_allocator_state
 
+_LIBC, _LIBC_VERSION = platform.libc_ver()
 pytestmark = pytest.mark.skipif(
-    platform.system() != "Linux" or platform.libc_ver()[0] != "glibc",
-    reason="the setting applies to glibc's malloc only",
+    platform.system() != "Linux"
+    or _LIBC != "glibc"
+    or tuple(int(part) for part in _LIBC_VERSION.split(".")[:2]) < (2, 33),
+    reason="the setting applies to glibc's malloc only; the probe reads mallinfo2 (glibc 2.33)",
 )
 
 # Allocates a 64 MB tensor (above glibc's largest mmap threshold) and reports how many bytes
