@@ -434,6 +434,8 @@ def time_training_steps(
     :func:`encoder_matmul`): measured in the same run, alternating with the steps, so that
     the step's multiple of it is unmoved by the machine's state drifting between runs.
     ``fast_path`` is whether every step (timed and memory-probed) took the sparse path.
+    The batches are on the run's device before the first step, as an activation store on
+    that device hands them over: a host-to-device copy is not part of the step being timed.
     """
     d_in = batches[0].shape[-1]
     runner_config = runner_config_for(name, config, d_in)
@@ -443,7 +445,8 @@ def time_training_steps(
     )
     seconds, matmul_seconds, mse, selected, sparse = [], [], [], [], []
     dead_set = forced_dead_set(config)
-    for step, batch in enumerate(batches[: config.total_steps]):
+    on_device = [batch.to(config.device) for batch in batches[: config.total_steps]]
+    for step, batch in enumerate(on_device):
         if dead_set is not None:
             force_dead(trainer, dead_set)
         dead_fraction = float(trainer.dead_neurons.float().mean())  # what the step's AuxK sees
