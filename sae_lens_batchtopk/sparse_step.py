@@ -15,7 +15,11 @@ Precision: the encoder matmul runs in the weights' dtype, or in the autocast dty
 autocast is on for the input's device (SAELens's ``autocast=True``: bfloat16); selection is
 exact on those values. Everything after it (the selected values, the sparse decode, every
 gradient) accumulates in float32 (float64 for float64 weights), see
-:mod:`~sae_lens_batchtopk.sparse_codes`.
+:mod:`~sae_lens_batchtopk.sparse_codes`. One exception, on CUDA only: aux-loss entries dense
+enough in their columns (AuxK's) are decoded as matmuls over those columns
+(:mod:`~sae_lens_batchtopk.column_block`), which under autocast round their operands, the
+gradient included, to the matmul dtype as autocast's own matmuls do; that block is also the
+one ``tokens x columns`` tensor kept for backward.
 """
 
 from __future__ import annotations
@@ -26,9 +30,11 @@ from dataclasses import dataclass, replace
 import torch
 from sae_lens.saes.topk_sae import act_times_W_dec
 
+from sae_lens_batchtopk.column_block import column_block_for, decode_column_block
 from sae_lens_batchtopk.sparse_codes import (
     SparseCodes,
     SparseLayout,
+    accumulation_dtype,
     decode_codes,
     gather_preactivations,
 )
@@ -98,7 +104,21 @@ class SparseForward:
     def reconstruct_selected(
         self, token_idx: torch.Tensor, latent_idx: torch.Tensor
     ) -> torch.Tensor:
-        """``AuxLossInputs.reconstruct_selected``: relu'd pre-activations there, decoded."""
+        """``AuxLossInputs.reconstruct_selected``: relu'd pre-activations there, decoded.
+
+        Through the sparse kernels, or on a GPU, where the entries are dense enough in their
+        columns (AuxK's), as matmuls over those columns (:mod:`~sae_lens_batchtopk.
+        column_block`): the same values and gradients.
+        """
+        weights, (n_tokens, d_sae) = self.weights, self.hidden_pre.shape
+        dtype = matmul_dtype(self.sae_in, weights)
+        block = column_block_for(latent_idx, dtype, n_tokens)
+        if block is not None:
+            pre = self.hidden_pre.reshape(-1)[token_idx * d_sae + latent_idx]
+            pre = pre.to(accumulation_dtype(weights.W_enc.dtype))
+            if weights.decoder_scale is not None:
+                pre = pre / weights.decoder_scale.detach()[latent_idx]
+            return decode_column_block(self.sae_in, weights, pre, token_idx, *block, dtype)
         codes = selected_codes(self.sae_in, self.weights, self.hidden_pre, token_idx, latent_idx)
         return decode_without_bias(replace(codes, values=codes.values.relu()), self.weights)
 

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import copy
 import warnings
+from dataclasses import replace
 from functools import partial
 from typing import Any
 
@@ -29,8 +30,10 @@ from sae_lens_batchtopk import (
     FeatureChoiceTrainingSAE,
     FeatureChoiceTrainingSAEConfig,
     register_aux_loss,
+    sparse_step,
 )
 from sae_lens_batchtopk.aux_losses import auxk_loss
+from sae_lens_batchtopk.column_block import decode_column_block, prefers_column_block
 from sae_lens_batchtopk.selection import (
     batch_topk,
     batch_topk_indices,
@@ -40,7 +43,13 @@ from sae_lens_batchtopk.selection import (
     threshold_sample_stride,
 )
 from sae_lens_batchtopk.sparse_codes import SparseCodes, decode_codes, gather_preactivations
-from sae_lens_batchtopk.sparse_step import SparseStepWeights, dense_forward, sparse_forward
+from sae_lens_batchtopk.sparse_step import (
+    SparseStepWeights,
+    decode_without_bias,
+    dense_forward,
+    selected_codes,
+    sparse_forward,
+)
 
 DEVICES = [
     "cpu",
@@ -263,14 +272,26 @@ def step_loss(
     return ((reconstruction + b_dec - x) ** 2).sum(-1).mean() + (aux**2).sum(-1).mean() / 32
 
 
+def use_column_block(monkeypatch: pytest.MonkeyPatch, use: bool) -> None:
+    """Send the aux entries through the column block (on any device), or never."""
+
+    def column_block_for(latent_idx: torch.Tensor, *args: object) -> object:
+        return torch.unique(latent_idx, sorted=True, return_inverse=True) if use else None
+
+    monkeypatch.setattr(sparse_step, "column_block_for", column_block_for)
+
+
 @pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("dtype", REDUCED)
+@pytest.mark.parametrize("block", [False, True], ids=["sparse-aux", "column-block-aux"])
 def test_sparse_forward_under_autocast_matches_float32_reference(
-    device: str, dtype: torch.dtype
+    device: str, dtype: torch.dtype, block: bool, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     # The reduced-precision encoder matmul selects on rounded values; the float32 reference is
     # given the same selections (batch top-k and an AuxK-style per-token top-k), so the
-    # losses and gradients differ by the rounding of the matmul alone.
+    # losses and gradients differ by the rounding of the matmul alone (and, through the
+    # column block, by its matmuls' rounding, as autocast's own).
+    use_column_block(monkeypatch, block)
     params, x = reference_weights(device)
     weights = SparseStepWeights.of(
         params["W_enc"],
@@ -304,6 +325,84 @@ def test_sparse_forward_under_autocast_matches_float32_reference(
     bound = 4e-3 if dtype == torch.bfloat16 else 5e-4
     for grad, expected in zip(grads, reference_grads, strict=True):
         assert (grad - expected).norm() <= bound * expected.norm()
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("rescale", [True, False], ids=["rescale", "no-rescale"])
+@pytest.mark.parametrize("input_bias", [True, False], ids=["input-bias", "input-grad"])
+def test_column_block_decode_matches_the_sparse_kernels(
+    device: str, rescale: bool, input_bias: bool
+) -> None:
+    # AuxK-dense entries (16 per token in 683 dead columns) decoded both ways: same values,
+    # same gradients to every weight and to the input (or the bias subtracted from it).
+    dtype = torch.float64 if device == "cpu" else torch.float32
+    params, x = reference_weights(device)
+    params = {name: p.detach().to(dtype).requires_grad_() for name, p in params.items()}
+    x = x.to(dtype).requires_grad_()
+    bias = params["b_dec"] if input_bias else None
+    weights = SparseStepWeights.of(
+        params["W_enc"],
+        params["b_enc"],
+        params["W_dec"],
+        rescale_acts_by_decoder_norm=rescale,
+        input_bias=bias,
+    )
+    sae_in = x - bias if bias is not None else x
+    forward = sparse_forward(sae_in, weights, partial(batch_topk_indices, k=8))
+    dead = torch.arange(0, 2048, 3, device=device)
+    tokens, latents = per_token_topk_indices(forward.hidden_pre, dead, 16)
+    codes = selected_codes(forward.sae_in, weights, forward.hidden_pre, tokens, latents)
+    sparse = decode_without_bias(replace(codes, values=codes.values.relu()), weights)
+    columns, positions = torch.unique(latents, sorted=True, return_inverse=True)
+    pre = forward.hidden_pre.reshape(-1)[tokens * 2048 + latents].to(dtype)
+    if weights.decoder_scale is not None:
+        pre = pre / weights.decoder_scale.detach()[latents]
+    block = decode_column_block(forward.sae_in, weights, pre, tokens, columns, positions, dtype)
+
+    upstream = torch.randn_like(sparse)
+    inputs = [params["W_enc"], params["b_enc"], params["W_dec"], bias if input_bias else x]
+    expected = torch.autograd.grad((sparse * upstream).sum(), inputs)
+    grads = torch.autograd.grad((block * upstream).sum(), inputs)
+    tolerance = {"rtol": 1e-9, "atol": 1e-12} if dtype == torch.float64 else {}
+    torch.testing.assert_close(block, sparse, **tolerance)
+    for grad, reference in zip(grads, expected, strict=True):
+        torch.testing.assert_close(grad, reference, **tolerance)
+
+
+def test_the_column_block_is_chosen_on_cuda_for_auxk_density_only() -> None:
+    cuda, cpu = torch.device("cuda"), torch.device("cpu")
+    # AuxK at Gemma 2 2B width: k_aux 1152 of 16384 dead columns; the main codes: 32 of 65536.
+    auxk, main = (4096 * 1152, 4096, 16384), (4096 * 32, 4096, 65536)
+    for dtype in (torch.bfloat16, torch.float16, torch.float32):
+        assert prefers_column_block(cuda, dtype, *auxk)
+        assert not prefers_column_block(cuda, dtype, *main)
+        assert not prefers_column_block(cpu, dtype, *auxk)
+    # Between the two break-evens: a block for a bfloat16 matmul, gathers in float32.
+    between = (4096 * 16, 4096, 2048)
+    assert prefers_column_block(cuda, torch.bfloat16, *between)
+    assert not prefers_column_block(cuda, torch.float32, *between)
+    assert not prefers_column_block(cuda, torch.bfloat16, 0, 4096, 16384)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_auxk_on_cuda_decodes_through_the_column_block(monkeypatch: pytest.MonkeyPatch) -> None:
+    calls = []
+
+    def spy(*args: Any) -> torch.Tensor:
+        calls.append(args)
+        return decode_column_block(*args)
+
+    monkeypatch.setattr(sparse_step, "decode_column_block", spy)
+    sae = perturbed_sae(
+        CalibratedBatchTopKTrainingSAE, CalibratedBatchTopKTrainingSAEConfig, k=8, dtype="float32"
+    ).to("cuda")
+    x = torch.randn(2048, 24, device="cuda") * 2
+    with warnings.catch_warnings():
+        warnings.filterwarnings("error", "training on the dense path")
+        fast = training_step(sae, x, fast=True)
+    assert len(calls) == 1 and fast["sparse"]  # AuxK's 12 of ~170 dead per token: dense enough
+    assert_same_step(fast, training_step(sae, x, fast=False), rtol=1e-4, atol=1e-5)
 
 
 def perturbed_sae(sae_class: type, config_class: type, **options: Any) -> Any:
@@ -447,7 +546,13 @@ def exact_grid_sae(device: str) -> Any:
 
 @pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("mode", ["autocast-bfloat16", "autocast-float16", "bfloat16-weights"])
-def test_reduced_precision_step_matches_float32_on_an_exact_grid(device: str, mode: str) -> None:
+def test_reduced_precision_step_matches_float32_on_an_exact_grid(
+    device: str, mode: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # The sparse kernels' promise: reduced precision rounds the inputs, never the sums. (On
+    # CUDA AuxK's entries would go through the column block, whose matmuls round gradients
+    # to the matmul dtype as autocast does: checked within bfloat16 tolerance elsewhere.)
+    monkeypatch.setattr(sparse_step, "column_block_for", lambda *args: None)
     sae = exact_grid_sae(device)
     generator = torch.Generator().manual_seed(6)
     x = (torch.randint(-5, 6, (256, 16), generator=generator) / 4).to(device)
