@@ -12,11 +12,12 @@ import os
 import subprocess
 import sys
 import textwrap
+import warnings
 from pathlib import Path
 
 import pytest
 import torch
-from conftest import TINY_D_MODEL, tiny_runner_kwargs
+from conftest import TINY_D_MODEL, tiny_model_config, tiny_runner_kwargs
 from datasets import Dataset
 from sae_lens import SAE, LanguageModelSAERunnerConfig, LanguageModelSAETrainingRunner, TrainingSAE
 from safetensors.torch import load_file, save_file
@@ -70,6 +71,31 @@ def test_runner_trains_and_saves_inference_form(trained_run: tuple) -> None:
         "b_dec",
         "threshold",
     }
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_runner_trains_on_cuda_under_autocast_and_reloads_there(
+    tmp_path: Path, tiny_dataset: Dataset
+) -> None:
+    """The GPU run a user makes: SAELens's runner on CUDA with autocast, our SAE on its sparse
+    path (no dense-fallback warning), calibrated, saved, and reloaded on CUDA."""
+    torch.manual_seed(0)
+    model = HookedTransformer(tiny_model_config()).to("cuda")
+    cfg = make_runner_config(**tiny_runner_kwargs(tmp_path, device="cuda", autocast=True))
+    with warnings.catch_warnings():
+        warnings.filterwarnings("error", "training on the dense path")
+        sae = LanguageModelSAETrainingRunner(
+            cfg, override_model=model, override_dataset=tiny_dataset
+        ).run()
+    assert sae.W_enc.device.type == "cuda" and sae.running_theta > 0
+    loaded = SAE.load_from_disk(tmp_path / "output", device="cuda")
+    x = torch.randn(256, TINY_D_MODEL, device="cuda")
+    with torch.no_grad():
+        codes = loaded.encode(x)
+        out = loaded.decode(codes)
+    assert codes.device.type == "cuda" and torch.isfinite(out).all()
+    assert 0 < (codes > 0).sum(-1).float().mean() < loaded.cfg.d_sae
 
 
 def test_reload_in_fresh_process_gives_identical_outputs(trained_run: tuple) -> None:

@@ -381,6 +381,35 @@ def test_memory_only_probes_each_run_on_synthetic_activations(
         assert (config.output / name).stat().st_size > 0
 
 
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_cuda_speed_run_under_autocast(tmp_path: Path) -> None:
+    """bench-speed as run on a GPU, nothing faked: CUDA memory probes in fresh processes, the
+    bfloat16 peak, ours on the sparse path with the dense reference's curve."""
+    config = SpeedConfig(
+        synthetic_d_in=64,
+        d_sae=1024,
+        k=8.0,
+        batch_size=512,
+        steps=3,
+        warmup_steps=1,
+        memory_probe_steps=2,
+        autocast=True,
+        dead_fraction=0.25,
+        device="cuda",
+        output=tmp_path / "out",
+    )
+    results = speed.run_speed_benchmark(config, show_progress=False)
+
+    runs = results["runs"]
+    assert runs[BATCHTOPK.fast]["fast_path"] is True
+    assert results["machine"]["gpu"] and results["peak_matmul_dtype"] == "bfloat16"
+    for run in runs.values():
+        assert run["peak_memory_mb"] > 0 and 0 < run["encoder_matmul_fraction_of_peak"] < 1
+    assert results["curve_match"]["max_relative_difference"] < 0.05
+    assert results["selection"]["same_selection"]
+
+
 def test_activation_statistics_match_the_whole_split_computed_at_once() -> None:
     """Chunked accumulation gives SAELens's factor sqrt(d_in) / mean norm and the mean."""
     activations = torch.randn(1000, 16, generator=torch.Generator().manual_seed(0)) + 3.0

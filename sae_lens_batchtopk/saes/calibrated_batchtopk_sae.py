@@ -821,7 +821,10 @@ class CalibratedBatchTopKTrainingSAE(_Thresholds, TopKTrainingSAE):
         sae_out = self.hook_sae_recons(forward.reconstruction + self.b_dec)
         sae_out = self.run_time_activation_norm_fn_out(sae_out)
         sae_out = self.reshape_fn_out(sae_out, self.d_head)
-        mse_loss = self.mse_loss_fn(sae_out, step_input.sae_in).sum(dim=-1).mean()
+        # The decode is float32 even for bfloat16 weights; CUDA's mse_loss backward refuses
+        # mixed dtypes, so the target is widened (it carries no gradient).
+        target = step_input.sae_in.to(sae_out.dtype)
+        mse_loss = self.mse_loss_fn(sae_out, target).sum(dim=-1).mean()
         feature_acts = forward.codes.to_sparse_coo()
         aux_losses = self._aux_losses(
             step_input, feature_acts, forward.hidden_pre, sae_out, forward.reconstruct_selected
