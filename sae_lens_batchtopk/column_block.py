@@ -36,16 +36,23 @@ if TYPE_CHECKING:  # sparse_step imports this module
 # matmul dtype. Break-even from the H100 measurement above: a sparse pass moves about 0.6 TB/s
 # of fp32 rows, a matmul runs at about 700 TFLOP/s in bfloat16 and 50 in float32, so the
 # dense block wins above a density of about 1/2300 (bfloat16) and 1/170 (float32). The
-# thresholds sit 2-2.5x above those: near break-even the sparse pass keeps the memory saving.
+# thresholds sit 2-3x above those: near break-even the sparse pass keeps the memory saving.
 REDUCED_PRECISION_MIN_DENSITY = 1 / 1024
 FULL_PRECISION_MIN_DENSITY = 1 / 64
+# Largest block (tokens x columns) decoded densely. The block and its float32 gradient are
+# transient tensors the sparse kernels never make: at this size (e.g. 4096 tokens x 65536 dead
+# columns) they add 1.5 GB to the step's peak in bfloat16, 2 GB in float32; beyond it, as for a
+# million-latent SAE with a quarter dead, they would add several GB beside weights and Adam state
+# already filling the GPU, so the sparse kernels take over.
+MAX_BLOCK_ELEMENTS = 2**28
 
 
 def prefers_column_block(
     device: torch.device, matmul_dtype: torch.dtype, n_entries: int, n_tokens: int, n_columns: int
 ) -> bool:
-    """Whether to decode ``n_entries`` in ``n_columns`` as a dense block (CUDA only)."""
-    if device.type != "cuda" or n_entries == 0:
+    """Whether to decode ``n_entries`` in ``n_columns`` as a dense block (CUDA only, dense
+    enough, and no larger than :data:`MAX_BLOCK_ELEMENTS`)."""
+    if device.type != "cuda" or n_entries == 0 or n_tokens * n_columns > MAX_BLOCK_ELEMENTS:
         return False
     reduced = matmul_dtype in (torch.bfloat16, torch.float16)
     threshold = REDUCED_PRECISION_MIN_DENSITY if reduced else FULL_PRECISION_MIN_DENSITY

@@ -382,6 +382,9 @@ def test_the_column_block_is_chosen_on_cuda_for_auxk_density_only() -> None:
     assert prefers_column_block(cuda, torch.bfloat16, *between)
     assert not prefers_column_block(cuda, torch.float32, *between)
     assert not prefers_column_block(cuda, torch.bfloat16, 0, 4096, 16384)
+    # A million-latent SAE with a quarter dead: dense enough, but too large a block to hold.
+    assert not prefers_column_block(cuda, torch.bfloat16, 4096 * 1152, 4096, 2**18)
+    assert prefers_column_block(cuda, torch.bfloat16, 4096 * 1152, 4096, 2**16)
 
 
 @pytest.mark.gpu
