@@ -96,7 +96,7 @@ def decode_column_block(
     (autocast's bfloat16, or the weights' dtype) and accumulate in float32.
     """
     acts = preactivations.new_zeros(sae_in.shape[0], columns.numel(), dtype=matmul_dtype)
-    acts[token_idx, positions] = preactivations.detach().relu().to(matmul_dtype)
+    acts[token_idx, positions] = preactivations.relu().to(matmul_dtype)
     if weights.input_bias is not None:
         sae_in = sae_in.detach()
     return _ColumnBlockDecode.apply(
@@ -134,7 +134,8 @@ class _ColumnBlockDecode(torch.autograd.Function):
         grad_pre = _matmul(grad_out, W_dec.index_select(0, columns).to(dtype).t())
         grad_pre = grad_pre.masked_fill_(acts <= 0, 0)
         per_latent = grad_pre.sum(0)
-        W_enc_block = W_enc.index_select(1, columns)
+        if ctx.needs_input_grad[0] or ctx.needs_input_grad[4]:
+            W_enc_block = W_enc.index_select(1, columns)
         if ctx.needs_input_grad[1]:
             block = _matmul(sae_in.to(dtype).t(), grad_pre.to(dtype))
             grad_W_enc = _scatter(block, 1, columns, W_enc.shape[1]).to(W_enc.dtype)

@@ -203,7 +203,7 @@ class _GatherPreactivations(torch.autograd.Function):
     ) -> torch.Tensor:
         ctx.layout = layout
         ctx.save_for_backward(sae_in, W_enc)
-        return values.detach().to(accumulation_dtype(W_enc.dtype), copy=True)
+        return values.detach().to(_accumulation_dtype(W_enc.dtype), copy=True)
 
     @staticmethod
     def backward(  # type: ignore[override]
@@ -282,14 +282,14 @@ def _entry_dots(layout: SparseLayout, rows: torch.Tensor, table: torch.Tensor) -
     return torch.empty_like(by_latent).index_copy_(0, order, by_latent)
 
 
-def accumulation_dtype(dtype: torch.dtype) -> torch.dtype:
+def _accumulation_dtype(dtype: torch.dtype) -> torch.dtype:
     """float32 for reduced-precision floats, the dtype itself for float32 and float64."""
     return torch.promote_types(dtype, torch.float32)
 
 
 def _accumulating(tensor: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
     """``tensor`` as a contiguous tensor in ``dtype``'s accumulation dtype (no copy if it is)."""
-    return tensor.to(accumulation_dtype(dtype)).contiguous()
+    return tensor.to(_accumulation_dtype(dtype)).contiguous()
 
 
 def _run_starts(sorted_keys: torch.Tensor, n_keys: int) -> torch.Tensor:

@@ -34,7 +34,6 @@ from sae_lens_batchtopk.column_block import column_block_for, decode_column_bloc
 from sae_lens_batchtopk.sparse_codes import (
     SparseCodes,
     SparseLayout,
-    accumulation_dtype,
     decode_codes,
     gather_preactivations,
 )
@@ -110,15 +109,11 @@ class SparseForward:
         columns (AuxK's), as matmuls over those columns (:mod:`~sae_lens_batchtopk.
         column_block`): the same values and gradients.
         """
-        weights, (n_tokens, d_sae) = self.weights, self.hidden_pre.shape
-        dtype = matmul_dtype(self.sae_in, weights)
-        block = column_block_for(latent_idx, dtype, n_tokens)
+        dtype = matmul_dtype(self.sae_in, self.weights)
+        block = column_block_for(latent_idx, dtype, self.hidden_pre.shape[0])
         if block is not None:
-            pre = self.hidden_pre.reshape(-1)[token_idx * d_sae + latent_idx]
-            pre = pre.to(accumulation_dtype(weights.W_enc.dtype))
-            if weights.decoder_scale is not None:
-                pre = pre / weights.decoder_scale.detach()[latent_idx]
-            return decode_column_block(self.sae_in, weights, pre, token_idx, *block, dtype)
+            pre = entry_preactivations(self.hidden_pre, self.weights, token_idx, latent_idx)
+            return decode_column_block(self.sae_in, self.weights, pre, token_idx, *block, dtype)
         codes = selected_codes(self.sae_in, self.weights, self.hidden_pre, token_idx, latent_idx)
         return decode_without_bias(replace(codes, values=codes.values.relu()), self.weights)
 
@@ -170,11 +165,7 @@ def selected_codes(
     """
     n_tokens, d_sae = hidden_pre.shape
     layout = SparseLayout(token_idx, latent_idx, n_tokens, d_sae)
-    selected = hidden_pre.reshape(-1)[token_idx * d_sae + latent_idx]
-    scale = weights.decoder_scale
-    if scale is not None:
-        scale = scale.detach()[latent_idx]
-        selected = selected.to(scale.dtype) / scale
+    selected = entry_preactivations(hidden_pre, weights, token_idx, latent_idx)
     values = gather_preactivations(
         sae_in,
         weights.W_enc,
@@ -185,9 +176,24 @@ def selected_codes(
         input_bias=weights.input_bias,
         layout=layout,
     )
-    if scale is not None:
-        values = values * scale
+    if weights.decoder_scale is not None:
+        values = values * weights.decoder_scale.detach()[latent_idx]
     return SparseCodes(token_idx, latent_idx, values, n_tokens, d_sae, layout=layout)
+
+
+def entry_preactivations(
+    hidden_pre: torch.Tensor,
+    weights: SparseStepWeights,
+    token_idx: torch.Tensor,
+    latent_idx: torch.Tensor,
+) -> torch.Tensor:
+    """``sae_in @ W_enc + b_enc`` at the entries, read from the detached selection-unit
+    ``hidden_pre`` with the decoder scale divided out (in the scale's dtype when there is one)."""
+    selected = hidden_pre.reshape(-1)[token_idx * hidden_pre.shape[1] + latent_idx]
+    if weights.decoder_scale is None:
+        return selected
+    scale = weights.decoder_scale.detach()[latent_idx]
+    return selected.to(scale.dtype) / scale
 
 
 def decode_without_bias(codes: SparseCodes, weights: SparseStepWeights) -> torch.Tensor:

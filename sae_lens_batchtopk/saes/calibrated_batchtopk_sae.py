@@ -805,6 +805,15 @@ class CalibratedBatchTopKTrainingSAE(_Thresholds, TopKTrainingSAE):
             buffer = self._preactivations = torch.empty(shape, dtype=dtype)
         return buffer
 
+    def reconstruction_mse_loss(self, sae_out: torch.Tensor, sae_in: torch.Tensor) -> torch.Tensor:
+        """SAELens's MSE loss (summed over d_in, mean over tokens) of a reconstruction.
+
+        The target, which carries no gradient, is widened to the output's dtype: the sparse
+        decode is float32 even for bfloat16 weights, and CUDA's ``mse_loss`` backward refuses
+        mixed dtypes (on the dense path the dtypes already agree).
+        """
+        return self.mse_loss_fn(sae_out, sae_in.to(sae_out.dtype)).sum(dim=-1).mean()
+
     def _sparse_training_forward_pass(self, step_input: TrainStepInput) -> TrainStepOutput:
         """The dense training pass's losses, computed on the selected entries only.
 
@@ -821,10 +830,7 @@ class CalibratedBatchTopKTrainingSAE(_Thresholds, TopKTrainingSAE):
         sae_out = self.hook_sae_recons(forward.reconstruction + self.b_dec)
         sae_out = self.run_time_activation_norm_fn_out(sae_out)
         sae_out = self.reshape_fn_out(sae_out, self.d_head)
-        # The decode is float32 even for bfloat16 weights; CUDA's mse_loss backward refuses
-        # mixed dtypes, so the target is widened (it carries no gradient).
-        target = step_input.sae_in.to(sae_out.dtype)
-        mse_loss = self.mse_loss_fn(sae_out, target).sum(dim=-1).mean()
+        mse_loss = self.reconstruction_mse_loss(sae_out, step_input.sae_in)
         feature_acts = forward.codes.to_sparse_coo()
         aux_losses = self._aux_losses(
             step_input, feature_acts, forward.hidden_pre, sae_out, forward.reconstruct_selected

@@ -238,9 +238,7 @@ class CalibratedMatryoshkaBatchTopKTrainingSAE(CalibratedBatchTopKTrainingSAE):
         """The whole SAE's reconstruction and the named losses, from the per-level decodes."""
         outputs = self.level_outputs(levels)
         mse = [
-            # Widened to the decode's dtype, as in the plain sparse step (CUDA's mse_loss
-            # backward refuses mixed dtypes).
-            weight * self.mse_loss_fn(output, step_input.sae_in.to(output.dtype)).sum(-1).mean()
+            weight * self.reconstruction_mse_loss(output, step_input.sae_in)
             for weight, output in zip(self.cfg.level_weights, outputs, strict=True)
         ]
         inner = zip(self.cfg.matryoshka_widths[:-1], mse[:-1], strict=True)
