@@ -71,10 +71,16 @@ AuxLossFn = Callable[[AuxLossInputs], torch.Tensor]
 
 _AUX_LOSSES: dict[str, AuxLossFn] = {}
 _SPARSE_READY: set[str] = set()
+_DEAD_LATENTS_ONLY: set[str] = set()
 
 
 def register_aux_loss(
-    name: str, fn: AuxLossFn, *, overwrite: bool = False, sparse_ready: bool = False
+    name: str,
+    fn: AuxLossFn,
+    *,
+    overwrite: bool = False,
+    sparse_ready: bool = False,
+    dead_latents_only: bool = False,
 ) -> None:
     """Make ``fn`` available to SAE configs under ``name``.
 
@@ -82,6 +88,8 @@ def register_aux_loss(
     loss would change what existing configs train with. ``sparse_ready=True`` declares that
     ``fn`` takes gradients only through ``inputs.reconstruct_selected``, so SAEs using it may
     keep their fast sparse training path; otherwise they fall back to the dense one.
+    ``dead_latents_only=True`` declares that ``fn`` is zero while no latent is dead, so a run
+    whose dead-latent window is as long as the run can be warned that the loss never acts.
     """
     if not name or not isinstance(name, str):
         raise ValueError(f"aux loss name must be a non-empty string, got {name!r}")
@@ -91,14 +99,23 @@ def register_aux_loss(
         )
     _AUX_LOSSES[name] = fn
     _SPARSE_READY.discard(name)
+    _DEAD_LATENTS_ONLY.discard(name)
     if sparse_ready:
         _SPARSE_READY.add(name)
+    if dead_latents_only:
+        _DEAD_LATENTS_ONLY.add(name)
 
 
 def is_sparse_ready(name: str) -> bool:
     """Whether the loss registered under ``name`` works on the sparse training path."""
     get_aux_loss(name)
     return name in _SPARSE_READY
+
+
+def acts_on_dead_latents_only(name: str) -> bool:
+    """Whether the loss registered under ``name`` is zero while no latent is dead."""
+    get_aux_loss(name)
+    return name in _DEAD_LATENTS_ONLY
 
 
 def registered_aux_losses() -> tuple[str, ...]:
@@ -199,6 +216,6 @@ def masked_residual_loss(
     return torch.where(variance > 0, error * scale, error.new_zeros(()))
 
 
-register_aux_loss("auxk", auxk_loss, sparse_ready=True)
+register_aux_loss("auxk", auxk_loss, sparse_ready=True, dead_latents_only=True)
 register_aux_loss("zipf", zipf_loss, sparse_ready=True)
-register_aux_loss("auxk_sae_lens", auxk_sae_lens_loss, sparse_ready=True)
+register_aux_loss("auxk_sae_lens", auxk_sae_lens_loss, sparse_ready=True, dead_latents_only=True)

@@ -28,6 +28,7 @@ from transformer_lens.HookedTransformer import HookedRootModule
 from typing_extensions import override
 
 from sae_lens_batchtopk.activations_store import ResumableActivationsStore
+from sae_lens_batchtopk.aux_losses import acts_on_dead_latents_only
 from sae_lens_batchtopk.calibration import (
     CalibrationError,
     CalibrationResult,
@@ -198,7 +199,31 @@ def record_dead_window(cfg: LanguageModelSAERunnerConfig[Any]) -> dict[str, Any]
         }
     sae_cfg.metadata.dead_latent_window = window
     logger.info("dead-latent window: %s", window)
+    _warn_if_dead_window_outlasts_run(sae_cfg, window["tokens"], cfg.training_tokens)
     return window
+
+
+def _warn_if_dead_window_outlasts_run(
+    sae_cfg: CalibratedBatchTopKTrainingSAEConfig, window_tokens: int, training_tokens: int
+) -> None:
+    """Warn when no latent can count as dead before training ends, so AuxK never acts.
+
+    SAELens's default ``dead_feature_window`` (1000 steps of 4096 tokens) outlasts every run
+    shorter than 4.1M tokens: AuxK then trains nothing, silently, in SAELens's ``batchtopk``
+    and here alike. A warning, not an error, because SAELens accepts the setting.
+    """
+    idle = sorted(name for name in sae_cfg.resolved_aux_losses if acts_on_dead_latents_only(name))
+    if not idle or window_tokens < training_tokens:
+        return
+    field = "dead_feature_window" if sae_cfg.dead_tokens_window is None else "dead_tokens_window"
+    warnings.warn(
+        f"aux losses {idle} will never act: the dead-latent window ({window_tokens:,} tokens,"
+        f" from {field}) is not shorter than training_tokens ({training_tokens:,}), so no"
+        " latent counts as dead before training ends. Shorten dead_tokens_window (tokens) or"
+        " dead_feature_window (steps of train_batch_size_tokens), e.g. to a tenth of the run,"
+        " if latents should be revived",
+        stacklevel=3,
+    )
 
 
 def _training_config_class(architecture: str) -> type[Any]:

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import itertools
 import json
+import warnings
 from collections.abc import Iterator
 from dataclasses import fields
 from pathlib import Path
@@ -31,8 +32,10 @@ from sae_lens_batchtopk import (
     CalibratedBatchTopKTrainingSAE,
     CalibratedBatchTopKTrainingSAEConfig,
     calibrate_thresholds,
+    make_runner_config,
 )
 from sae_lens_batchtopk import calibration as calibration_module
+from sae_lens_batchtopk.aux_losses import acts_on_dead_latents_only
 from sae_lens_batchtopk.runner import CalibratingSAETrainingRunner
 from sae_lens_batchtopk.saes.calibrated_batchtopk_sae import SAE_LENS_FIELDS
 from sae_lens_batchtopk.tools.cli import Resources, main
@@ -276,6 +279,24 @@ def test_our_runner_resolves_and_saves_the_dead_window(
     window = saved["metadata"]["dead_latent_window"]
     assert window["tokens"] == cfg.dead_feature_window * cfg.train_batch_size_tokens == 5 * 64
     assert window["steps"] == 5
+
+
+def test_a_dead_window_as_long_as_the_run_warns_that_auxk_never_acts(tmp_path: Path) -> None:
+    options = tiny_runner_kwargs(tmp_path)
+    del options["dead_tokens_window"]  # SAELens's window: 1000 steps x 64 tokens > 4096 tokens
+    with pytest.warns(UserWarning, match=r"aux losses \['auxk'\] will never act.*dead_feature_w"):
+        make_runner_config("calibrated_batchtopk", **options)
+
+    def idle_warnings(**overrides: object) -> list[str]:
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            make_runner_config("calibrated_batchtopk", **{**options, **overrides})
+        return [str(w.message) for w in caught if "will never act" in str(w.message)]
+
+    assert idle_warnings(dead_feature_window=10) == []  # 640 tokens: latents can die
+    assert idle_warnings(aux_losses={"zipf": 0.03}) == []  # zipf also feeds live latents
+    assert "from dead_tokens_window" in idle_warnings(dead_tokens_window=4096)[0]
+    assert acts_on_dead_latents_only("auxk_sae_lens") and not acts_on_dead_latents_only("zipf")
 
 
 def test_yaml_and_sae_lens_cli_take_sae_lens_fields(
