@@ -15,11 +15,11 @@ Precision: the encoder matmul runs in the weights' dtype, or in the autocast dty
 autocast is on for the input's device (SAELens's ``autocast=True``: bfloat16); selection is
 exact on those values. Everything after it (the selected values, the sparse decode, every
 gradient) accumulates in float32 (float64 for float64 weights), see
-:mod:`~sae_lens_batchtopk.sparse_codes`. One exception, on CUDA only: aux-loss entries dense
-enough in their columns (AuxK's) are decoded as matmuls over those columns
-(:mod:`~sae_lens_batchtopk.column_block`), which under autocast round their operands, the
-gradient included, to the matmul dtype as autocast's own matmuls do; that block is also the
-one ``tokens x columns`` tensor kept for backward.
+:mod:`~sae_lens_batchtopk.sparse_codes`. One exception, on CUDA and on CPUs with a matrix unit
+(AMX) for the autocast dtype: aux-loss entries dense enough in their columns (AuxK's) are
+decoded as matmuls over those columns (:mod:`~sae_lens_batchtopk.column_block`), which under
+autocast round their operands, the gradient included, to the matmul dtype as autocast's own
+matmuls do; that block is also the one ``tokens x columns`` tensor kept for backward.
 """
 
 from __future__ import annotations
@@ -105,8 +105,8 @@ class SparseForward:
     ) -> torch.Tensor:
         """``AuxLossInputs.reconstruct_selected``: relu'd pre-activations there, decoded.
 
-        Through the sparse kernels, or on a GPU, where the entries are dense enough in their
-        columns (AuxK's), as matmuls over those columns (:mod:`~sae_lens_batchtopk.
+        Through the sparse kernels, or on a GPU or an AMX CPU, where the entries are dense
+        enough in their columns (AuxK's), as matmuls over those columns (:mod:`~sae_lens_batchtopk.
         column_block`): the same values and gradients.
         """
         dtype = matmul_dtype(self.sae_in, self.weights)

@@ -14,6 +14,7 @@ an exact grid. The autocast tests run on CUDA too when it is present.
 from __future__ import annotations
 
 import copy
+import platform
 import warnings
 from dataclasses import replace
 from functools import partial
@@ -29,6 +30,7 @@ from sae_lens_batchtopk import (
     CalibratedBatchTopKTrainingSAEConfig,
     FeatureChoiceTrainingSAE,
     FeatureChoiceTrainingSAEConfig,
+    column_block,
     register_aux_loss,
     sparse_step,
 )
@@ -369,7 +371,10 @@ def test_column_block_decode_matches_the_sparse_kernels(
         torch.testing.assert_close(grad, reference, **tolerance)
 
 
-def test_the_column_block_is_chosen_on_cuda_for_auxk_density_only() -> None:
+def test_the_column_block_is_chosen_on_cuda_for_auxk_density_only(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    monkeypatch.setattr(column_block, "cpu_flags", lambda: frozenset({"avx512f"}))
     cuda, cpu = torch.device("cuda"), torch.device("cpu")
     # AuxK at Gemma 2 2B width: k_aux 1152 of 16384 dead columns; the main codes: 32 of 65536.
     auxk, main = (4096 * 1152, 4096, 16384), (4096 * 32, 4096, 65536)
@@ -385,6 +390,37 @@ def test_the_column_block_is_chosen_on_cuda_for_auxk_density_only() -> None:
     # A million-latent SAE with a quarter dead: dense enough, but too large a block to hold.
     assert not prefers_column_block(cuda, torch.bfloat16, 4096 * 1152, 4096, 2**18)
     assert prefers_column_block(cuda, torch.bfloat16, 4096 * 1152, 4096, 2**16)
+
+
+def test_a_cpu_with_amx_decodes_auxk_as_a_block_in_its_dtype_only(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    cpu = torch.device("cpu")
+    monkeypatch.setattr(column_block, "cpu_flags", lambda: frozenset({"avx512f", "amx_bf16"}))
+    # AuxK at the bench shape: 288 of 4096 dead columns per token (1/14); the main codes: 1/512.
+    auxk, main = (4096 * 288, 4096, 4096), (4096 * 32, 4096, 16384)
+    assert prefers_column_block(cpu, torch.bfloat16, *auxk)
+    assert not prefers_column_block(cpu, torch.bfloat16, *main)
+    # Below the CPU's break-even (1/24 measured) though above CUDA's: the gathers.
+    assert not prefers_column_block(cpu, torch.bfloat16, 4096 * 128, 4096, 4096)
+    assert not prefers_column_block(cpu, torch.float16, *auxk)  # AMX-BF16 has no float16
+    assert not prefers_column_block(cpu, torch.float32, *auxk)
+    assert not prefers_column_block(cpu, torch.bfloat16, 4096 * 1152, 4096, 2**18)
+    # The dispatch reads the entries' columns only where a block can be chosen.
+    dead = torch.arange(0, 4096, 2)
+    latents = dead[torch.randint(0, dead.numel(), (64, 256))].sort(1).values.flatten()
+    columns, positions = column_block.column_block_for(latents, torch.bfloat16, 64)
+    assert torch.equal(columns[positions], latents)
+    assert column_block.column_block_for(latents, torch.float32, 64) is None
+    monkeypatch.setattr(column_block, "cpu_flags", lambda: frozenset({"avx512f"}))
+    assert column_block.column_block_for(latents, torch.bfloat16, 64) is None
+
+
+def test_cpu_flags_are_read_from_the_cpu() -> None:
+    flags = column_block.cpu_flags()
+    assert isinstance(flags, frozenset)
+    if platform.system() == "Linux" and platform.machine() == "x86_64":
+        assert "sse2" in flags  # every x86-64 CPU has it
 
 
 @pytest.mark.gpu
@@ -597,7 +633,12 @@ def saved_tensor_shapes(sae: Any, x: torch.Tensor) -> list[tuple[int, ...]]:
 
 
 @pytest.mark.parametrize("autocast", [False, True])
-def test_sparse_path_keeps_no_tokens_by_latents_tensor_for_backward(autocast: bool) -> None:
+def test_sparse_path_keeps_no_tokens_by_latents_tensor_for_backward(
+    autocast: bool, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # The sparse kernels' promise, so as on a CPU without AMX (with it, under autocast, AuxK's
+    # entries may go through the column block, which keeps its tokens x columns block).
+    monkeypatch.setattr(column_block, "cpu_flags", lambda: frozenset())
     sae = perturbed_sae(
         CalibratedBatchTopKTrainingSAE, CalibratedBatchTopKTrainingSAEConfig, k=8, dtype="float32"
     )
