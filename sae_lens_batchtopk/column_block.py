@@ -67,19 +67,24 @@ MAX_BLOCK_ELEMENTS = 2**28
 def prefers_column_block(
     device: torch.device, matmul_dtype: torch.dtype, n_entries: int, n_tokens: int, n_columns: int
 ) -> bool:
-    """Whether to decode ``n_entries`` in ``n_columns`` as a dense block: on CUDA, or on a CPU
-    with a matrix unit for ``matmul_dtype`` (:func:`has_cpu_matrix_unit`); dense enough for
-    that device and dtype, and no larger than :data:`MAX_BLOCK_ELEMENTS`."""
-    if n_entries == 0 or n_tokens * n_columns > MAX_BLOCK_ELEMENTS:
-        return False
-    if device.type == "cuda":
-        reduced = matmul_dtype in (torch.bfloat16, torch.float16)
-        threshold = REDUCED_PRECISION_MIN_DENSITY if reduced else FULL_PRECISION_MIN_DENSITY
-    elif device.type == "cpu" and has_cpu_matrix_unit(matmul_dtype):
-        threshold = CPU_MATRIX_UNIT_MIN_DENSITY
-    else:
+    """Whether to decode ``n_entries`` in ``n_columns`` as a dense block: dense enough for the
+    device and dtype (:func:`min_block_density`), and no larger than :data:`MAX_BLOCK_ELEMENTS`."""
+    threshold = min_block_density(device, matmul_dtype)
+    if threshold is None or n_entries == 0 or n_tokens * n_columns > MAX_BLOCK_ELEMENTS:
         return False
     return n_entries >= threshold * n_tokens * n_columns
+
+
+def min_block_density(device: torch.device, matmul_dtype: torch.dtype) -> float | None:
+    """The density above which a block pays on ``device`` for ``matmul_dtype``'s matmuls, or
+    ``None`` where none does: on CUDA, and on a CPU with a matrix unit for the dtype
+    (:func:`has_cpu_matrix_unit`)."""
+    if device.type == "cuda":
+        reduced = matmul_dtype in (torch.bfloat16, torch.float16)
+        return REDUCED_PRECISION_MIN_DENSITY if reduced else FULL_PRECISION_MIN_DENSITY
+    if device.type == "cpu" and has_cpu_matrix_unit(matmul_dtype):
+        return CPU_MATRIX_UNIT_MIN_DENSITY
+    return None
 
 
 def has_cpu_matrix_unit(matmul_dtype: torch.dtype) -> bool:
@@ -112,7 +117,7 @@ def column_block_for(
     once, before the sort that finding the columns costs.
     """
     device = latent_idx.device
-    if device.type != "cuda" and not (device.type == "cpu" and has_cpu_matrix_unit(matmul_dtype)):
+    if min_block_density(device, matmul_dtype) is None:
         return None
     columns, positions = torch.unique(latent_idx, sorted=True, return_inverse=True)
     n_entries, n_columns = latent_idx.numel(), columns.numel()
